@@ -1,0 +1,57 @@
+"""The one place that turns errors into the contract's error body."""
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, jsonify
+from sqlalchemy.exc import DBAPIError, OperationalError
+from werkzeug.exceptions import HTTPException
+
+from shared.errors import TxmonError
+
+log = logging.getLogger("txmon.api")
+
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+              405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
+              415: "unsupported_media_type", 422: "validation_error", 429: "rate_limited",
+              503: "unavailable"}
+
+
+def error_response(status: int, code: str, message: str, details: dict | None = None):
+    """A JSON response with the contract's ``{"error": {...}}`` body."""
+    response = jsonify({"error": {"code": code, "message": message, "details": details or {}}})
+    response.status_code = status
+    return response
+
+
+def init_app(app: Flask) -> None:
+    """Register the handlers."""
+
+    @app.errorhandler(TxmonError)
+    def _txmon(exc: TxmonError):
+        return error_response(exc.status, exc.code, exc.message, exc.details)
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException):
+        if exc.code == 429:
+            return error_response(429, "rate_limited", "Too many requests; slow down.",
+                                  {"limit": str(getattr(exc, "description", ""))})
+        code = HTTP_CODES.get(exc.code, "error")
+        return error_response(exc.code, code, exc.description or exc.name)
+
+    @app.errorhandler(OperationalError)
+    def _db_down(exc: OperationalError):
+        log.error("Database unavailable: %s", type(exc.orig).__name__ if exc.orig else exc)
+        return error_response(503, "unavailable", "The database is unavailable; retry later.")
+
+    @app.errorhandler(DBAPIError)
+    def _db_error(exc: DBAPIError):
+        if exc.connection_invalidated:
+            return error_response(503, "unavailable", "The database connection was lost.")
+        log.exception("Database error")
+        return error_response(500, "internal_error", "Internal error.")
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception("Unhandled error")
+        return error_response(500, "internal_error", "Internal error.")

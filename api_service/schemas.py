@@ -1,0 +1,283 @@
+"""Request and response schemas. The same classes validate requests and build /openapi.json."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal, Optional
+
+from pydantic import (AwareDatetime, BaseModel, ConfigDict, EmailStr, Field, StrictBool,
+                      StrictInt, StrictStr, StringConstraints, field_validator)
+
+MAX_CENTS = 1_000_000_000
+
+Id = Annotated[StrictStr, StringConstraints(min_length=1, max_length=64,
+                                            pattern=r"^[A-Za-z0-9_.:-]+$")]
+PositiveCents = Annotated[StrictInt, Field(gt=0, le=MAX_CENTS)]
+NonNegativeCents = Annotated[StrictInt, Field(ge=0, le=MAX_CENTS)]
+SignedCents = Annotated[StrictInt, Field(ge=-MAX_CENTS, le=MAX_CENTS)]
+Text = Annotated[StrictStr, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
+Name = Annotated[StrictStr, StringConstraints(min_length=1, max_length=64, strip_whitespace=True)]
+Limit = Annotated[int, Field(ge=1, le=200)]
+TransactionType = Literal["credit", "sms_purchase", "verification_refund", "adjustment"]
+
+
+class Body(BaseModel):
+    """A JSON request body: unknown fields are an error, types are strict."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Query(BaseModel):
+    """Query-string parameters (strings from the URL, converted where unambiguous)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- service API ---------------------------------------------------------------------------
+
+class AccountIn(Body):
+    email: Optional[EmailStr] = Field(None, max_length=254)
+    display_name: Optional[Annotated[StrictStr, StringConstraints(max_length=100)]] = None
+    low_balance_threshold_cents: Optional[NonNegativeCents] = None
+
+
+class CreditIn(Body):
+    amount_cents: PositiveCents
+    payment_id: Id
+    description: Optional[Text] = None
+
+
+class AdjustmentIn(Body):
+    amount_cents: Annotated[SignedCents, Field(description="Signed, non-zero")]
+    reason: Text
+    idempotency_key: Id
+
+    @field_validator("amount_cents")
+    @classmethod
+    def _nonzero(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("must not be zero")
+        return value
+
+
+class PurchaseIn(Body):
+    id: Optional[Id] = None
+    user_id: Id
+    service_name: Name
+    country: Name
+    cost_cents: PositiveCents
+    timeout_seconds: Annotated[StrictInt, Field(ge=10, le=86400)] = 300
+
+
+class EndVerificationIn(Body):
+    reason: Optional[Text] = None
+
+
+# -- wallet, notifications, admin ---------------------------------------------------------
+
+class PageQuery(Query):
+    skip: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    limit: Limit = 50
+
+
+class DetailedQuery(PageQuery):
+    type: Optional[TransactionType] = None
+    start_date: Optional[AwareDatetime] = None
+    end_date: Optional[AwareDatetime] = None
+    cursor: Optional[Annotated[str, StringConstraints(pattern=r"^[0-9]{1,18}$")]] = None
+
+
+class ExportQuery(Query):
+    type: Optional[TransactionType] = None
+    start_date: Optional[AwareDatetime] = None
+    end_date: Optional[AwareDatetime] = None
+
+
+class NotificationQuery(Query):
+    unread_only: bool = False
+    limit: Limit = 50
+    cursor: Optional[Annotated[str, StringConstraints(pattern=r"^[0-9]{1,18}$")]] = None
+
+
+class PreferencesIn(Body):
+    email_on_credit: Optional[StrictBool] = None
+    email_on_debit: Optional[StrictBool] = None
+    email_on_refund: Optional[StrictBool] = None
+    push_on_credit: Optional[StrictBool] = None
+    push_on_debit: Optional[StrictBool] = None
+    push_on_refund: Optional[StrictBool] = None
+    min_amount_notify_cents: Optional[NonNegativeCents] = None
+
+
+class MonitorQuery(Query):
+    minutes: Annotated[int, Field(ge=1, le=10080)] = 60
+
+
+class AlertQuery(Query):
+    status: Optional[Literal["open", "acknowledged"]] = None
+    limit: Limit = 50
+
+
+class AcknowledgeIn(Body):
+    note: Optional[Annotated[StrictStr, StringConstraints(max_length=500)]] = None
+
+
+# -- responses (documentation; handlers build plain dicts of the same shape) ---------------
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: dict
+
+
+class ErrorOut(BaseModel):
+    error: ErrorDetail
+
+
+class AccountOut(BaseModel):
+    user_id: str
+    email: Optional[str]
+    display_name: Optional[str]
+    balance_cents: int
+    currency: str
+    last_seq: int
+    low_balance_threshold_cents: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class TransactionOut(BaseModel):
+    id: int
+    seq: int
+    user_id: str
+    amount_cents: int
+    type: TransactionType
+    status: str
+    description: Optional[str]
+    service: Optional[str]
+    verification_id: Optional[str]
+    reference: Optional[str]
+    balance_after_cents: int
+    created_at: datetime
+
+
+class VerificationOut(BaseModel):
+    id: str
+    user_id: str
+    service_name: str
+    country: str
+    cost_cents: int
+    status: Literal["pending", "completed", "cancelled", "failed", "timed_out"]
+    created_at: datetime
+    expires_at: datetime
+    charge_transaction_id: Optional[int]
+    refund_transaction_id: Optional[int]
+
+
+class MovementOut(BaseModel):
+    transaction: TransactionOut
+    balance_cents: int
+
+
+class PurchaseOut(MovementOut):
+    verification: VerificationOut
+
+
+class RefundOut(BaseModel):
+    verification: VerificationOut
+    refund: TransactionOut
+
+
+class BalanceOut(BaseModel):
+    balance_cents: int
+    currency: str
+    last_seq: int
+    updated_at: datetime
+
+
+class TransactionPage(BaseModel):
+    total: int
+    transactions: list[TransactionOut]
+
+
+class DetailedPage(TransactionPage):
+    next_cursor: Optional[str]
+
+
+class NotificationOut(BaseModel):
+    id: int
+    type: str
+    title: str
+    message: str
+    link: Optional[str]
+    icon: Optional[str]
+    transaction_id: Optional[int]
+    read: bool
+    created_at: datetime
+    email_status: Literal["pending", "sent", "skipped", "failed"]
+
+
+class NotificationPage(BaseModel):
+    unread_count: int
+    notifications: list[NotificationOut]
+    next_cursor: Optional[str]
+
+
+class UpdatedOut(BaseModel):
+    updated: int
+
+
+class PreferencesOut(BaseModel):
+    email_on_credit: bool
+    email_on_debit: bool
+    email_on_refund: bool
+    push_on_credit: bool
+    push_on_debit: bool
+    push_on_refund: bool
+    min_amount_notify_cents: int
+
+
+class RecentTransaction(BaseModel):
+    id: int
+    user_id: str
+    amount_cents: int
+    type: str
+    description: Optional[str]
+    created_at: datetime
+
+
+class MonitorOut(BaseModel):
+    window_minutes: int
+    total_transactions: int
+    credits_added_cents: int
+    credits_spent_cents: int
+    refunds_issued_cents: int
+    unique_users: int
+    by_type: dict[str, int]
+    recent_transactions: list[RecentTransaction]
+
+
+class AlertOut(BaseModel):
+    id: int
+    user_id: Optional[str]
+    rule: str
+    transaction_id: Optional[int]
+    details: dict
+    status: Literal["open", "acknowledged"]
+    created_at: datetime
+    acknowledged_at: Optional[datetime]
+    note: Optional[str]
+
+
+class AlertList(BaseModel):
+    alerts: list[AlertOut]
+
+
+class ReconciliationOut(BaseModel):
+    ran_at: Optional[datetime]
+    accounts_checked: int
+    mismatches: list[dict]
+
+
+class StatusOut(BaseModel):
+    status: str
+    checks: dict[str, str] = {}

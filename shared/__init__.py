@@ -1,0 +1,1 @@
+"""Code both services import: configuration, models, the ledger and notifications."""

@@ -1,0 +1,59 @@
+"""Suspicious-activity alerts: stored once per dedup key, listed and acknowledged by admins."""
+from __future__ import annotations
+
+from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
+
+from shared.db import db, utcnow
+from shared.errors import NotFound
+from shared.metrics import ALERTS
+from shared.models import Alert
+
+alerts_table = Alert.__table__
+
+
+def serialize(a: Alert) -> dict:
+    """Alert as the contract's object."""
+    return {"id": a.id, "user_id": a.user_id, "rule": a.rule, "transaction_id": a.transaction_id,
+            "details": a.details, "status": a.status, "created_at": a.created_at.isoformat(),
+            "acknowledged_at": a.acknowledged_at.isoformat() if a.acknowledged_at else None,
+            "note": a.note}
+
+
+def raise_alert(*, rule: str, user_id: str | None, details: dict, dedup_key: str,
+                transaction_id: int | None = None) -> tuple[int, bool]:
+    """Store an alert unless one with ``dedup_key`` exists; returns (alert id, created)."""
+    row = {"rule": rule, "user_id": user_id, "details": details, "dedup_key": dedup_key,
+           "transaction_id": transaction_id, "status": "open", "created_at": utcnow()}
+    try:
+        with db.engine.begin() as conn:
+            alert_id = conn.execute(insert(alerts_table).returning(alerts_table.c.id),
+                                    row).scalar_one()
+    except IntegrityError:
+        with db.engine.connect() as conn:
+            return conn.execute(select(alerts_table.c.id)
+                                .where(alerts_table.c.dedup_key == dedup_key)).scalar_one(), False
+    ALERTS.labels(rule=rule).inc()
+    return alert_id, True
+
+
+def list_alerts(*, status: str | None, limit: int) -> list[Alert]:
+    """Alerts newest first, optionally only open or acknowledged ones."""
+    q = select(Alert)
+    if status:
+        q = q.where(Alert.status == status)
+    return db.session.scalars(q.order_by(Alert.id.desc()).limit(limit)).all()
+
+
+def acknowledge(*, alert_id: int, note: str | None) -> Alert:
+    """Acknowledge an alert (again: keeps the first acknowledgement time, updates the note)."""
+    alert = db.session.get(Alert, alert_id, with_for_update=True)
+    if alert is None:
+        raise NotFound(f"No alert {alert_id}.")
+    if alert.status != "acknowledged":
+        alert.status = "acknowledged"
+        alert.acknowledged_at = utcnow()
+    if note is not None:
+        alert.note = note
+    db.session.commit()
+    return alert

@@ -1,0 +1,107 @@
+"""Configuration read from the environment (see DESIGN.md, "Configuration")."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("txmon.config")
+
+ROOT = Path(__file__).resolve().parent.parent
+DEV_JWT_SECRET = "dev-only-jwt-secret-change-me-0123456789"
+DEV_SERVICE_KEY = "dev-service-key"
+
+
+class ConfigError(RuntimeError):
+    """Start-up configuration is unusable (e.g. a missing secret in production)."""
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept postgres://, postgresql:// and postgresql+psycopg:// and use psycopg 3."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def _int_env(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+class Config:
+    """Settings for a running service; every value comes from the environment."""
+
+    def __init__(self) -> None:
+        env = os.environ
+        self.TXMON_ENV = env.get("TXMON_ENV", "development")
+        self.SQLALCHEMY_DATABASE_URI = normalize_database_url(
+            env.get("DATABASE_URL") or f"sqlite:///{ROOT / 'var' / 'txmon.db'}"
+        )
+        self.REDIS_URL = env.get("REDIS_URL", "redis://localhost:6379/0")
+        self.SMTP_URL = env.get("SMTP_URL") or None
+        self.MAIL_DIR = env.get("TXMON_MAIL_DIR", str(ROOT / "var" / "mail"))
+        self.TXMON_ADMIN_EMAIL = env.get("TXMON_ADMIN_EMAIL", "admin@localhost")
+        self.TXMON_PUBLIC_URL = env.get("TXMON_PUBLIC_URL", "http://127.0.0.1:8000")
+        self.PORT = _int_env("PORT", 8000)
+        self.ALERT_LARGE_DEBIT_CENTS = _int_env("TXMON_ALERT_LARGE_DEBIT_CENTS", 5000)
+        self.ALERT_RAPID_COUNT = _int_env("TXMON_ALERT_RAPID_COUNT", 10)
+        self.ALERT_RAPID_WINDOW_S = _int_env("TXMON_ALERT_RAPID_WINDOW_S", 300)
+        self.DEFAULT_LOW_BALANCE_CENTS = _int_env("TXMON_DEFAULT_LOW_BALANCE_CENTS", 100)
+        self.RATELIMIT_USER = env.get("TXMON_RATELIMIT_USER", "600/minute")
+        self.RATELIMIT_STORAGE_URI = env.get("TXMON_RATELIMIT_STORAGE", self.REDIS_URL)
+        self.RATELIMIT_IN_MEMORY_FALLBACK_ENABLED = True
+        self.RATELIMIT_HEADERS_ENABLED = True
+        self.SQLALCHEMY_ENGINE_OPTIONS = engine_options(self.SQLALCHEMY_DATABASE_URI)
+        keys = env.get("TXMON_SERVICE_KEYS", "")
+        self.SERVICE_KEYS = [k.strip() for k in keys.split(",") if k.strip()]
+        self.JWT_SECRET = env.get("TXMON_JWT_SECRET", "")
+        self._apply_secret_defaults()
+
+    def _apply_secret_defaults(self) -> None:
+        missing = [name for name, value in (("TXMON_SERVICE_KEYS", self.SERVICE_KEYS),
+                                            ("TXMON_JWT_SECRET", self.JWT_SECRET)) if not value]
+        if not missing:
+            return
+        if self.TXMON_ENV == "production":
+            raise ConfigError(
+                "TXMON_ENV=production but " + " and ".join(missing)
+                + " not set; refusing to start with development secrets"
+            )
+        log.warning("Using development defaults for %s (never do this in production)",
+                    ", ".join(missing))
+        if not self.SERVICE_KEYS:
+            self.SERVICE_KEYS = [DEV_SERVICE_KEY]
+        if not self.JWT_SECRET:
+            self.JWT_SECRET = DEV_JWT_SECRET
+
+    def as_dict(self) -> dict:
+        """Upper-case settings, ready for ``app.config.update``."""
+        return {k: v for k, v in vars(self).items() if k.isupper()}
+
+
+def engine_options(url: str) -> dict:
+    """Pool settings per database: a real pool on Postgres, a long busy wait on SQLite."""
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 30, "check_same_thread": False}}
+    return {"pool_size": _int_env("TXMON_DB_POOL_SIZE", 10), "max_overflow": 20,
+            "pool_pre_ping": False, "pool_recycle": 1800}
+
+
+class TestConfig(Config):
+    """Configuration for the test suite: fixed secrets, in-memory rate limits."""
+
+    def __init__(self, database_url: str | None = None) -> None:
+        os.environ.setdefault("TXMON_SERVICE_KEYS", "test-service-key")
+        os.environ.setdefault("TXMON_JWT_SECRET", "test-jwt-secret-0123456789abcdef0123")
+        super().__init__()
+        self.TESTING = True
+        if database_url:
+            self.SQLALCHEMY_DATABASE_URI = normalize_database_url(database_url)
+            self.SQLALCHEMY_ENGINE_OPTIONS = engine_options(self.SQLALCHEMY_DATABASE_URI)
+        self.RATELIMIT_STORAGE_URI = "memory://"

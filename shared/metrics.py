@@ -1,0 +1,18 @@
+"""Prometheus metric objects, named once here (DESIGN.md, "Operations").
+
+In multi-process servers (gunicorn, Celery prefork) prometheus_client aggregates through
+PROMETHEUS_MULTIPROC_DIR; the objects are declared the same way either way.
+"""
+from prometheus_client import Counter, Gauge, Histogram
+
+TRANSACTIONS = Counter("transactions_total", "Ledger transactions committed",
+                       ["type", "status"])
+NOTIFICATIONS = Counter("notifications_total", "Notification deliveries by outcome",
+                        ["type", "success"])
+REFUND_LATENCY = Histogram("refund_latency_seconds",
+                           "From expiry (or cancel/fail) to the refund's commit",
+                           buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 15, 30, 60, 120))
+OUTBOX_BACKLOG = Gauge("outbox_backlog", "Outbox rows not yet dispatched",
+                       multiprocess_mode="max")
+ALERTS = Counter("alerts_total", "Suspicious-activity alerts raised", ["rule"])
+EMAILS = Counter("emails_total", "Emails by result", ["result"])

@@ -1,0 +1,198 @@
+"""Database models. The ledger's invariants live here as constraints where SQL can hold them.
+
+1. accounts.balance_cents == sum(transactions.amount_cents) per account  (ledger.py writes
+   both in one transaction; reconcile.py checks it).
+2. transactions (user_id, seq) is unique and seq == accounts.last_seq when written, so seq
+   runs 1, 2, 3 ... per account (the account row is the lock that orders them).
+3. balance_cents >= 0 unless an adjustment made it negative (purchases use a conditional
+   UPDATE ... WHERE balance_cents >= cost).
+4. (verification_id, type) is unique: one charge and one refund per verification.
+5. (reference) is unique per type: a payment_id credits once, an adjustment key applies once.
+6. notifications.transaction_id is unique: one in-app notification per transaction.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (JSON, BigInteger, Boolean, CheckConstraint, ForeignKey, Index, Integer,
+                        String, Text, UniqueConstraint, text)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from shared.db import UTCDateTime, db
+
+BigId = BigInteger().with_variant(Integer, "sqlite")
+
+TRANSACTION_TYPES = ("credit", "sms_purchase", "verification_refund", "adjustment")
+VERIFICATION_STATUSES = ("pending", "completed", "cancelled", "failed", "timed_out")
+NOTIFICATION_TYPES = ("credit_added", "credit_deducted", "instant_refund", "balance_adjusted",
+                      "suspicious_activity", "low_balance")
+EMAIL_STATUSES = ("pending", "sent", "skipped", "failed")
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN (" + ", ".join(f"'{v}'" for v in values) + ")"
+
+
+class Account(db.Model):
+    __tablename__ = "accounts"
+
+    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    email: Mapped[str | None] = mapped_column(String(254))
+    display_name: Mapped[str | None] = mapped_column(String(100))
+    balance_cents: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    currency: Mapped[str] = mapped_column(String(3), nullable=False, default="USD")
+    last_seq: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    low_balance_threshold_cents: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+    __table_args__ = (CheckConstraint("last_seq >= 0", name="last_seq_nonneg"),)
+
+
+class Transaction(db.Model):
+    __tablename__ = "transactions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("accounts.user_id"), nullable=False)
+    seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    amount_cents: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    balance_after_cents: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    type: Mapped[str] = mapped_column(String(32), nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default="completed")
+    description: Mapped[str | None] = mapped_column(String(300))
+    service: Mapped[str | None] = mapped_column(String(64))
+    verification_id: Mapped[str | None] = mapped_column(String(64))
+    reference: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+    __table_args__ = (
+        UniqueConstraint("user_id", "seq"),
+        CheckConstraint(_in("type", TRANSACTION_TYPES), name="type_known"),
+        CheckConstraint("amount_cents <> 0", name="amount_nonzero"),
+        CheckConstraint("seq > 0", name="seq_positive"),
+        Index("uq_transactions_verification_type", "verification_id", "type", unique=True,
+              postgresql_where=text("verification_id IS NOT NULL"),
+              sqlite_where=text("verification_id IS NOT NULL")),
+        Index("uq_transactions_type_reference", "type", "reference", unique=True,
+              postgresql_where=text("reference IS NOT NULL"),
+              sqlite_where=text("reference IS NOT NULL")),
+        Index("ix_transactions_created_at", "created_at"),
+    )
+
+
+class Verification(db.Model):
+    __tablename__ = "verifications"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("accounts.user_id"), nullable=False,
+                                         index=True)
+    service_name: Mapped[str] = mapped_column(String(64), nullable=False)
+    country: Mapped[str] = mapped_column(String(64), nullable=False)
+    cost_cents: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    timeout_seconds: Mapped[int] = mapped_column(Integer, nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default="pending")
+    status_reason: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    charge_transaction_id: Mapped[int | None] = mapped_column(ForeignKey("transactions.id"))
+    refund_transaction_id: Mapped[int | None] = mapped_column(ForeignKey("transactions.id"))
+
+    __table_args__ = (
+        CheckConstraint(_in("status", VERIFICATION_STATUSES), name="status_known"),
+        CheckConstraint("cost_cents > 0", name="cost_positive"),
+        # The timeout scan reads only pending rows past expiry.
+        Index("ix_verifications_pending_expiry", "expires_at",
+              postgresql_where=text("status = 'pending'"),
+              sqlite_where=text("status = 'pending'")),
+    )
+
+
+class Notification(db.Model):
+    __tablename__ = "notifications"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    type: Mapped[str] = mapped_column(String(32), nullable=False)
+    title: Mapped[str] = mapped_column(String(100), nullable=False)
+    message: Mapped[str] = mapped_column(String(500), nullable=False)
+    link: Mapped[str | None] = mapped_column(String(200))
+    icon: Mapped[str | None] = mapped_column(String(32))
+    amount_cents: Mapped[int | None] = mapped_column(BigInteger)
+    transaction_id: Mapped[int | None] = mapped_column(ForeignKey("transactions.id"),
+                                                       unique=True)
+    read: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    email_status: Mapped[str] = mapped_column(String(16), nullable=False, default="pending")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+    __table_args__ = (
+        CheckConstraint(_in("type", NOTIFICATION_TYPES), name="type_known"),
+        CheckConstraint(_in("email_status", EMAIL_STATUSES), name="email_status_known"),
+        Index("ix_notifications_user_id_id", "user_id", "id"),
+        Index("ix_notifications_user_unread", "user_id",
+              postgresql_where=text("NOT read"), sqlite_where=text("NOT read")),
+    )
+
+
+class NotificationPreferences(db.Model):
+    __tablename__ = "notification_preferences"
+
+    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    email_on_credit: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    email_on_debit: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    email_on_refund: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    push_on_credit: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    push_on_debit: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    push_on_refund: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    min_amount_notify_cents: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class OutboxMessage(db.Model):
+    """Work for the workers, written in the same commit as the data it is about."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    user_id: Mapped[str | None] = mapped_column(String(64))
+    task: Mapped[str] = mapped_column(String(100), nullable=False)
+    payload: Mapped[dict] = mapped_column(JSON, nullable=False)
+    available_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+
+    __table_args__ = (
+        Index("ix_outbox_undispatched", "id",
+              postgresql_where=text("dispatched_at IS NULL"),
+              sqlite_where=text("dispatched_at IS NULL")),
+    )
+
+
+class Alert(db.Model):
+    __tablename__ = "alerts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    user_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    rule: Mapped[str] = mapped_column(String(64), nullable=False)
+    transaction_id: Mapped[int | None] = mapped_column(ForeignKey("transactions.id"))
+    details: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default="open")
+    dedup_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    acknowledged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    note: Mapped[str | None] = mapped_column(String(500))
+
+    __table_args__ = (
+        CheckConstraint("status IN ('open', 'acknowledged')", name="status_known"),
+        Index("ix_alerts_status_id", "status", "id"),
+    )
+
+
+class ReconciliationRun(db.Model):
+    __tablename__ = "reconciliation_runs"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    ran_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    accounts_checked: Mapped[int] = mapped_column(Integer, nullable=False)
+    mismatches: Mapped[list] = mapped_column(JSON, nullable=False, default=list)

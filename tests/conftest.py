@@ -1,0 +1,93 @@
+"""Test fixtures: one fresh database per run (Postgres by default, SQLite for the smoke run),
+migrated with the project's Alembic migrations, emptied before each test."""
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.helpers import Api
+
+PG_ADMIN_URL = os.environ.get("TXMON_TEST_PG_ADMIN_URL",
+                              "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+TABLES = ("outbox", "alerts", "notifications", "notification_preferences", "verifications",
+          "transactions", "accounts", "reconciliation_runs")
+
+
+def _database_url(tmp_path_factory) -> tuple[str, callable]:
+    if os.environ.get("TXMON_TEST_DB", "postgres") == "sqlite":
+        path = tmp_path_factory.mktemp("db") / "txmon.db"
+        return f"sqlite:///{path}", lambda: None
+    name = f"txmon_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+
+    def drop():
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    return PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name, drop
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory):
+    url, drop = _database_url(tmp_path_factory)
+    yield url
+    drop()
+
+
+@pytest.fixture(scope="session")
+def app(database_url):
+    from flask_migrate import upgrade
+
+    from api_service import create_app
+    from shared.config import TestConfig
+
+    app = create_app(TestConfig(database_url).as_dict())
+    with app.app_context():
+        upgrade()
+    yield app
+    with app.app_context():
+        from shared.db import db
+
+        db.engine.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _clean_tables(request):
+    if "app" not in request.fixturenames:
+        yield
+        return
+    app = request.getfixturevalue("app")
+    from shared.db import db
+
+    with app.app_context():
+        with db.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+            else:
+                for table in TABLES:
+                    conn.execute(text(f"DELETE FROM {table}"))
+    yield
+
+
+@pytest.fixture
+def ctx(app):
+    """An app context for calling services directly."""
+    with app.app_context():
+        yield app
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def api(app, client):
+    """Contract-level helper: headers, tokens, account set-up (see tests/helpers.py)."""
+    return Api(app, client)
