@@ -16,3 +16,7 @@ OUTBOX_BACKLOG = Gauge("outbox_backlog", "Outbox rows not yet dispatched",
                        multiprocess_mode="max")
 ALERTS = Counter("alerts_total", "Suspicious-activity alerts raised", ["rule"])
 EMAILS = Counter("emails_total", "Emails by result", ["result"])
+
+# Pre-create the label sets operators query, so the series exist before the first event.
+for _type in ("credit", "sms_purchase", "verification_refund", "adjustment"):
+    TRANSACTIONS.labels(type=_type, status="completed")

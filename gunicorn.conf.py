@@ -1,0 +1,35 @@
+"""gunicorn settings for txmon's API (used by scripts/run, the benchmarks and docker-compose).
+
+Every value can be overridden with GUNICORN_* style env vars below.
+"""
+import os
+import shutil
+import tempfile
+
+bind = f"{os.environ.get('TXMON_BIND', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
+workers = int(os.environ.get("TXMON_WEB_WORKERS", "4"))
+worker_class = os.environ.get("TXMON_WORKER_CLASS", "gthread")
+threads = int(os.environ.get("TXMON_WEB_THREADS", "4"))
+timeout = 30
+graceful_timeout = 10
+keepalive = 30
+# Path without the query string: a ?token= must never reach a log line.
+access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms'
+accesslog = os.environ.get("TXMON_ACCESS_LOG", "-")
+errorlog = "-"
+
+
+def on_starting(server):
+    """Give prometheus_client a clean multiprocess directory for this server's workers."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        path = tempfile.mkdtemp(prefix="txmon-prom-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path, exist_ok=True)
+
+
+def child_exit(server, worker):
+    from prometheus_flask_exporter.multiprocess import GunicornInternalPrometheusMetrics
+
+    GunicornInternalPrometheusMetrics.mark_process_dead_on_child_exit(worker.pid)
