@@ -4,6 +4,7 @@ from __future__ import annotations
 from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 
+from shared import outbox
 from shared.db import db, utcnow
 from shared.errors import NotFound
 from shared.metrics import ALERTS
@@ -22,13 +23,20 @@ def serialize(a: Alert) -> dict:
 
 def raise_alert(*, rule: str, user_id: str | None, details: dict, dedup_key: str,
                 transaction_id: int | None = None) -> tuple[int, bool]:
-    """Store an alert unless one with ``dedup_key`` exists; returns (alert id, created)."""
+    """Store an alert unless one with ``dedup_key`` exists; returns (alert id, created).
+
+    The admin email and the admin-feed message are outbox rows of the same commit.
+    """
     row = {"rule": rule, "user_id": user_id, "details": details, "dedup_key": dedup_key,
            "transaction_id": transaction_id, "status": "open", "created_at": utcnow()}
     try:
         with db.engine.begin() as conn:
             alert_id = conn.execute(insert(alerts_table).returning(alerts_table.c.id),
                                     row).scalar_one()
+            outbox.write(conn, [
+                outbox.message(outbox.EMAIL_ALERT, user_id, row["created_at"], alert_id=alert_id),
+                outbox.message(outbox.PUBLISH_ALERT, user_id, row["created_at"],
+                               alert_id=alert_id)])
     except IntegrityError:
         with db.engine.connect() as conn:
             return conn.execute(select(alerts_table.c.id)
@@ -57,3 +65,12 @@ def acknowledge(*, alert_id: int, note: str | None) -> Alert:
         alert.note = note
     db.session.commit()
     return alert
+
+
+def open_alert_exists(*, rule: str, user_id: str | None) -> bool:
+    """Whether an unacknowledged alert of ``rule`` for the user is already open."""
+    q = select(alerts_table.c.id).where(alerts_table.c.rule == rule,
+                                        alerts_table.c.status == "open")
+    q = q.where(alerts_table.c.user_id == user_id) if user_id else q
+    with db.engine.connect() as conn:
+        return conn.execute(q.limit(1)).first() is not None

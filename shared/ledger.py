@@ -105,9 +105,8 @@ def _post(conn, *, user_id: str, amount_cents: int, tx: dict, notification: dict
                                                 now=now, transaction_id=values["id"])
     rows = outbox.notification_messages(note_id, user_id, now)
     rows.append(outbox.message(outbox.PUBLISH_BALANCE, user_id, now, transaction_id=values["id"]))
+    rows.append(outbox.message(outbox.CHECK_ALERTS, user_id, now, transaction_id=values["id"]))
     if amount_cents < 0:
-        rows.append(outbox.message(outbox.CHECK_ALERTS, user_id, now,
-                                   transaction_id=values["id"]))
         old = balance - amount_cents
         if old >= threshold > balance:
             low_id = notifications.insert_notification(

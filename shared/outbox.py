@@ -17,6 +17,8 @@ SEND_EMAIL = "txmon.email.send_notification"
 CHECK_ALERTS = "txmon.alerts.check_transaction"
 PUBLISH_BALANCE = "txmon.realtime.publish_balance"
 EXPIRE_VERIFICATION = "txmon.refunds.expire_verification"
+EMAIL_ALERT = "txmon.email.send_alert"
+PUBLISH_ALERT = "txmon.realtime.publish_alert"
 
 outbox_table = OutboxMessage.__table__
 
@@ -38,3 +40,43 @@ def write(conn, rows: list[dict]) -> None:
     """Insert outbox rows on ``conn`` (inside the caller's transaction)."""
     if rows:
         conn.execute(insert(outbox_table), rows)
+
+
+def claim_and_dispatch(send, *, limit: int = 500) -> int:
+    """Send due, undispatched rows with ``send(task, payload, eta)`` and mark them dispatched.
+
+    Rows are claimed with FOR UPDATE SKIP LOCKED on Postgres, so any number of relays can
+    run at once without sending a row twice; on SQLite the write lock serializes relays.
+    If ``send`` raises (Redis down), the transaction rolls back and the rows stay pending
+    for the next pass. Returns how many rows were dispatched.
+    """
+    from sqlalchemy import select, update
+
+    from shared.db import db, utcnow
+
+    o = outbox_table.c
+    now = utcnow()
+    with db.engine.begin() as conn:
+        q = (select(o.id, o.task, o.payload, o.available_at)
+             .where(o.dispatched_at.is_(None)).order_by(o.id).limit(limit))
+        if conn.dialect.name == "postgresql":
+            q = q.with_for_update(skip_locked=True)
+        rows = conn.execute(q).all()
+        for row in rows:
+            eta = row.available_at if row.available_at > now else None
+            send(row.task, row.payload, eta)
+        if rows:
+            conn.execute(update(outbox_table).where(o.id.in_([r.id for r in rows]))
+                         .values(dispatched_at=now, attempts=o.attempts + 1))
+    return len(rows)
+
+
+def backlog() -> int:
+    """How many outbox rows wait to be dispatched."""
+    from sqlalchemy import func, select
+
+    from shared.db import db
+
+    with db.engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(outbox_table)
+                            .where(outbox_table.c.dispatched_at.is_(None))).scalar_one()

@@ -1,39 +1,67 @@
-"""The Celery app on Redis: ``celery -A worker_service.celery_app worker``.
+"""The Celery app on Redis: ``celery -A worker_service.celery_app worker`` (and ``beat``).
 
-Tasks run inside the Flask app's context (so they share shared/'s config, models and
-services with the API). Task modules are listed in ``TASK_MODULES``, one per family.
+Tasks run inside the Flask app's context, so they share shared/'s config, models and
+services with the API. One module per task family under worker_service/tasks/, each task
+named ``txmon.<family>.<action>`` and routed to its family's queue, so an email backlog
+never delays refunds.
 """
 from __future__ import annotations
 
-from celery import Celery, Task
+from datetime import timedelta
+
+from celery import Celery
+from kombu import Queue
 
 from api_service import create_app
 
-TASK_MODULES: list[str] = []
+FAMILIES = ("outbox", "notifications", "email", "refunds", "alerts", "reconcile", "realtime")
+TASK_MODULES = [f"worker_service.tasks.{family}" for family in FAMILIES]
+# Longer than the longest countdown (timeout_seconds <= 86400): Redis must not hand an ETA
+# task to a second worker while the first still holds it.
+VISIBILITY_TIMEOUT_S = 86400 + 3600
+
+
+def celery_config(flask_config: dict) -> dict:
+    """Celery settings derived from the Flask app's configuration."""
+    visibility = int(flask_config.get("CELERY_VISIBILITY_TIMEOUT_S", VISIBILITY_TIMEOUT_S))
+    return {
+        "broker_url": flask_config.get("CELERY_BROKER_URL") or flask_config["REDIS_URL"],
+        "broker_transport_options": {"visibility_timeout": visibility},
+        "broker_connection_retry_on_startup": True,
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": int(flask_config.get("CELERY_PREFETCH", 4)),
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "timezone": "UTC",
+        "task_default_queue": "default",
+        "task_queues": [Queue(name) for name in ("default", *FAMILIES)],
+        "task_routes": {f"txmon.{family}.*": {"queue": family} for family in FAMILIES},
+        "task_time_limit": 120,
+        "task_soft_time_limit": 100,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "beat_schedule": {
+            "outbox-sweep": {"task": "txmon.outbox.sweep", "schedule": 5.0},
+            "refunds-scan": {"task": "txmon.refunds.scan_expired", "schedule": 10.0},
+            "reconcile-hourly": {"task": "txmon.reconcile.run", "schedule": timedelta(hours=1)},
+        },
+    }
 
 
 def make_celery(flask_app) -> Celery:
-    """A Celery app bound to ``flask_app``: every task body runs in its app context."""
-
-    class FlaskTask(Task):
-        def __call__(self, *args, **kwargs):
-            with flask_app.app_context():
-                return self.run(*args, **kwargs)
-
-    app = Celery("txmon", task_cls=FlaskTask, include=TASK_MODULES)
-    app.conf.update(
-        broker_url=flask_app.config["REDIS_URL"],
-        result_backend=None,
-        task_ignore_result=True,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_serializer="json",
-        accept_content=["json"],
-        timezone="UTC",
-        broker_connection_retry_on_startup=True,
-    )
+    """A Celery app bound to ``flask_app``; the base task gives every run an app context."""
+    app = Celery("txmon", include=TASK_MODULES, task_cls="worker_service.base:TxmonTask")
+    app.conf.update(celery_config(flask_app.config))
+    app.flask_app = flask_app
     flask_app.extensions["celery"] = app
+    from worker_service import relay, worker_metrics
+
+    app.steps["worker"].add(relay.OutboxRelayStep)
+    worker_metrics.install(app)
     return app
 
 

@@ -1,0 +1,93 @@
+"""Suspicious-activity rules, checked after each debit (and each adjustment).
+
+A rule is one function decorated with ``@rule``: it gets the committed transaction and the
+app config and returns a ``Finding`` or None. Adding a rule means adding one function here.
+Dedup: a finding's ``dedup_key`` is unique in the alerts table, and per-user rules marked
+``once_while_open`` are skipped while an earlier alert of theirs is still open, so one
+burst raises one alert.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Callable
+
+from sqlalchemy import func, select
+
+from shared.db import db
+from shared.models import Transaction
+from shared.money import dollars
+
+
+@dataclass
+class Finding:
+    rule: str
+    dedup_key: str
+    details: dict = field(default_factory=dict)
+    once_while_open: bool = True
+
+
+RULES: list[Callable] = []
+
+
+def rule(fn: Callable) -> Callable:
+    """Register ``fn(tx, config) -> Finding | None`` as a rule."""
+    RULES.append(fn)
+    return fn
+
+
+@rule
+def large_deduction(tx: Transaction, config) -> Finding | None:
+    """A single debit larger than TXMON_ALERT_LARGE_DEBIT_CENTS."""
+    limit = config["ALERT_LARGE_DEBIT_CENTS"]
+    if tx.amount_cents < 0 and -tx.amount_cents > limit:
+        return Finding("large_deduction", f"large_deduction:{tx.id}", {
+            "amount_cents": tx.amount_cents, "limit_cents": limit,
+            "summary": f"{dollars(-tx.amount_cents)} debited at once"}, once_while_open=False)
+    return None
+
+
+@rule
+def rapid_transactions(tx: Transaction, config) -> Finding | None:
+    """More than TXMON_ALERT_RAPID_COUNT transactions within TXMON_ALERT_RAPID_WINDOW_S."""
+    window = config["ALERT_RAPID_WINDOW_S"]
+    count = db.session.scalar(select(func.count()).select_from(Transaction).where(
+        Transaction.user_id == tx.user_id,
+        Transaction.created_at > tx.created_at - timedelta(seconds=window),
+        Transaction.created_at <= tx.created_at))
+    if count > config["ALERT_RAPID_COUNT"]:
+        bucket = int(tx.created_at.timestamp()) // window
+        return Finding("rapid_transactions", f"rapid_transactions:{tx.user_id}:{bucket}", {
+            "count": count, "window_seconds": window, "limit": config["ALERT_RAPID_COUNT"]})
+    return None
+
+
+@rule
+def negative_balance(tx: Transaction, config) -> Finding | None:
+    """The balance went below zero (only an adjustment can do that)."""
+    if tx.balance_after_cents < 0:
+        return Finding("negative_balance", f"negative_balance:{tx.user_id}:{tx.id}", {
+            "balance_after_cents": tx.balance_after_cents})
+    return None
+
+
+@rule
+def repeated_refunds(tx: Transaction, config) -> Finding | None:
+    """Many refunds in the rapid window: a failing SMS provider or someone gaming refunds."""
+    if tx.type != "verification_refund":
+        return None
+    window = config["ALERT_RAPID_WINDOW_S"]
+    count = db.session.scalar(select(func.count()).select_from(Transaction).where(
+        Transaction.user_id == tx.user_id, Transaction.type == "verification_refund",
+        Transaction.created_at > tx.created_at - timedelta(seconds=window),
+        Transaction.created_at <= tx.created_at))
+    if count > config["ALERT_RAPID_COUNT"]:
+        bucket = int(tx.created_at.timestamp()) // window
+        return Finding("repeated_refunds", f"repeated_refunds:{tx.user_id}:{bucket}", {
+            "refunds": count, "window_seconds": window})
+    return None
+
+
+def evaluate(tx: Transaction, config) -> list[Finding]:
+    """Every rule's finding for ``tx``."""
+    return [f for f in (r(tx, config) for r in RULES) if f is not None]

@@ -1,0 +1,95 @@
+"""The outbox relay: dispatches outbox rows to Celery as soon as their commit lands.
+
+Runs as a thread in each worker's main process. On Postgres it LISTENs on the
+``txmon_outbox`` channel (a trigger NOTIFYs at commit), so dispatch follows the commit
+within milliseconds; on SQLite it polls. Any number of relays may run: rows are claimed
+with SKIP LOCKED. The beat task ``txmon.outbox.sweep`` is the safety net.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery import bootsteps
+
+log = logging.getLogger("txmon.relay")
+POLL_S = 0.25
+
+
+def send_with(celery_app):
+    """The ``send`` callback for shared.outbox.claim_and_dispatch, over ``celery_app``."""
+
+    def send(task: str, payload: dict, eta) -> None:
+        celery_app.send_task(task, kwargs=payload, eta=eta, retry=False)
+
+    return send
+
+
+def drain(celery_app) -> int:
+    """Dispatch every due row now; returns how many were sent."""
+    from shared import outbox
+
+    total = 0
+    while True:
+        sent = outbox.claim_and_dispatch(send_with(celery_app))
+        total += sent
+        if sent == 0:
+            return total
+
+
+class Relay:
+    """The relay loop, stoppable; one per worker process that runs it."""
+
+    def __init__(self, celery_app):
+        self.celery_app = celery_app
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        with self.celery_app.flask_app.app_context():
+            while not self.stopping.is_set():
+                try:
+                    self._serve()
+                except Exception as exc:  # keep relaying through outages; sweep covers gaps
+                    log.warning("Outbox relay error (%s: %s); retrying in 1 s", type(exc).__name__,
+                                str(exc).splitlines()[0][:200] if str(exc) else "")
+                    self.stopping.wait(1.0)
+
+    def _serve(self) -> None:
+        from shared.db import db
+
+        if db.engine.dialect.name != "postgresql":
+            while not self.stopping.is_set():
+                drain(self.celery_app)
+                self.stopping.wait(POLL_S)
+            return
+        import psycopg
+
+        url = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("LISTEN txmon_outbox")
+            drain(self.celery_app)
+            while not self.stopping.is_set():
+                woke = any(True for _ in conn.notifies(timeout=1.0, stop_after=1))
+                if woke:
+                    drain(self.celery_app)
+
+
+class OutboxRelayStep(bootsteps.StartStopStep):
+    """Celery worker bootstep running the relay thread (off with TXMON_RELAY=0)."""
+
+    requires = {"celery.worker.components:Pool"}
+
+    def __init__(self, worker, **kwargs):
+        import os
+
+        self.enabled = os.environ.get("TXMON_RELAY", "1") != "0"
+        self.relay = None
+
+    def start(self, worker):
+        self.relay = Relay(worker.app)
+        threading.Thread(target=self.relay.run, name="outbox-relay", daemon=True).start()
+        log.info("Outbox relay started")
+
+    def stop(self, worker):
+        if self.relay:
+            self.relay.stopping.set()

@@ -1,0 +1,1 @@
+"""Task modules, one per family; each task is named txmon.<family>.<action>."""

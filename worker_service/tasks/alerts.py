@@ -1,0 +1,28 @@
+"""txmon.alerts: run the suspicious-activity rules on a committed transaction."""
+from __future__ import annotations
+
+from flask import current_app
+
+from shared import alert_rules, alerts
+from shared.db import db
+from shared.models import Transaction
+from worker_service.celery_app import celery
+
+
+@celery.task(name="txmon.alerts.check_transaction")
+def check_transaction(transaction_id: int) -> list[str]:
+    """Evaluate every rule; store (deduplicated) alerts; returns the rules that fired."""
+    tx = db.session.get(Transaction, transaction_id)
+    if tx is None:
+        return []
+    fired = []
+    for finding in alert_rules.evaluate(tx, current_app.config):
+        if finding.once_while_open and alerts.open_alert_exists(rule=finding.rule,
+                                                                user_id=tx.user_id):
+            continue
+        _, created = alerts.raise_alert(rule=finding.rule, user_id=tx.user_id,
+                                        transaction_id=tx.id, details=finding.details,
+                                        dedup_key=finding.dedup_key)
+        if created:
+            fired.append(finding.rule)
+    return fired

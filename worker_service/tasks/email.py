@@ -1,0 +1,52 @@
+"""txmon.email: notification emails to users and alert emails to the admin."""
+from __future__ import annotations
+
+import logging
+
+from shared import alerts, delivery, mail
+from shared.db import db
+from shared.models import Alert, Notification
+from worker_service.base import TRANSIENT
+from worker_service.celery_app import celery
+
+log = logging.getLogger("txmon.email")
+
+
+@celery.task(name="txmon.email.send_notification", bind=True)
+def send_notification(self, notification_id: int) -> str:
+    """Email a notification once; after the last retry mark it failed (and alert on refunds)."""
+    try:
+        return delivery.email(notification_id=notification_id)
+    except TRANSIENT as exc:
+        if not self.retries_exhausted:
+            raise
+        delivery.mark_email_failed(notification_id=notification_id)
+        n = db.session.get(Notification, notification_id)
+        if n is not None and n.type == "instant_refund":
+            log.critical("CRITICAL: Failed to send refund notification: Notification=%s, "
+                         "User=%s, Error=%s", n.id, n.user_id, type(exc).__name__)
+            alerts.raise_alert(rule="refund_notification_failed", user_id=n.user_id,
+                               transaction_id=n.transaction_id,
+                               details={"notification_id": n.id, "error": type(exc).__name__},
+                               dedup_key=f"refund_notification_failed:{n.id}")
+        return "failed"
+
+
+@celery.task(name="txmon.email.send_alert")
+def send_alert(alert_id: int) -> str:
+    """Email an alert to TXMON_ADMIN_EMAIL."""
+    alert = db.session.get(Alert, alert_id)
+    if alert is None:
+        return "gone"
+    from flask import current_app
+
+    summary = alert.details.get("summary") or ", ".join(
+        f"{k}={v}" for k, v in alert.details.items())
+    msg = mail.build(to=current_app.config["TXMON_ADMIN_EMAIL"],
+                     subject=f"txmon alert: {alert.rule} (user {alert.user_id})",
+                     context={"title": f"Alert: {alert.rule}",
+                              "message": f"User {alert.user_id}: {summary}",
+                              "amount": "-", "balance": "-",
+                              "wallet_url": current_app.config["TXMON_PUBLIC_URL"]})
+    mail.send(msg)
+    return "sent"
