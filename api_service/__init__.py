@@ -41,7 +41,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     migrate.init_app(app, db)
     limiter.init_app(app)
 
-    from api_service import admin, errors, metrics, notifications_api, ops, service_api, wallet
+    from api_service import (admin, errors, metrics, notifications_api, ops, realtime_ws,
+                             service_api, wallet)
 
     errors.init_app(app)
     for bp in (wallet.bp, notifications_api.bp, admin.bp):
@@ -49,6 +50,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     for bp in (ops.bp, service_api.bp, wallet.bp, notifications_api.bp, admin.bp):
         app.register_blueprint(bp)
     metrics.init_app(app)
+    realtime_ws.sock.init_app(app)
     _register_cli(app)
     return app
 

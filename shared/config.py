@@ -56,6 +56,7 @@ class Config:
         self.CELERY_VISIBILITY_TIMEOUT_S = _int_env("TXMON_CELERY_VISIBILITY_TIMEOUT_S",
                                                     86400 + 3600)
         self.CELERY_BROKER_URL = env.get("CELERY_BROKER_URL") or None
+        self.WS_QUEUE_SIZE = _int_env("TXMON_WS_QUEUE_SIZE", 256)
         self.RATELIMIT_USER = env.get("TXMON_RATELIMIT_USER", "600/minute")
         self.RATELIMIT_STORAGE_URI = env.get("TXMON_RATELIMIT_STORAGE", self.REDIS_URL)
         self.RATELIMIT_IN_MEMORY_FALLBACK_ENABLED = True

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from shared import notifications, outbox
+from shared import notifications, outbox, realtime
 from shared.db import db, utcnow
 from shared.errors import IdempotencyMismatch, InsufficientFunds, InvalidState, NotFound
 from shared.metrics import REFUND_LATENCY, TRANSACTIONS
@@ -103,8 +103,11 @@ def _post(conn, *, user_id: str, amount_cents: int, tx: dict, notification: dict
     content = notification(balance)
     note_id = notifications.insert_notification(conn, user_id=user_id, content=content,
                                                 now=now, transaction_id=values["id"])
+    data = serialize_transaction(_Row(values))
     rows = outbox.notification_messages(note_id, user_id, now)
-    rows.append(outbox.message(outbox.PUBLISH_BALANCE, user_id, now, transaction_id=values["id"]))
+    # The balance_update travels in the row, so the relay publishes it without a task hop.
+    rows.append(outbox.message(outbox.PUBLISH_BALANCE, user_id, now, transaction_id=data["id"],
+                               message=realtime.balance_update(data, now.isoformat())))
     rows.append(outbox.message(outbox.CHECK_ALERTS, user_id, now, transaction_id=values["id"]))
     if amount_cents < 0:
         old = balance - amount_cents
@@ -115,7 +118,7 @@ def _post(conn, *, user_id: str, amount_cents: int, tx: dict, notification: dict
             rows.extend(outbox.notification_messages(low_id, user_id, now))
     rows.extend(extra_outbox)
     outbox.write(conn, rows)
-    return serialize_transaction(_Row(values)), note_id
+    return data, note_id
 
 
 def _committed(movement: Movement, *, notification_type: str) -> Movement:

@@ -20,3 +20,10 @@ EMAILS = Counter("emails_total", "Emails by result", ["result"])
 # Pre-create the label sets operators query, so the series exist before the first event.
 for _type in ("credit", "sms_purchase", "verification_refund", "adjustment"):
     TRANSACTIONS.labels(type=_type, status="completed")
+
+WS_OPEN = Gauge("websocket_connections", "Open websocket connections",
+                multiprocess_mode="livesum")
+WS_RELAYED = Counter("websocket_messages_relayed_total", "Messages handed to sockets")
+WS_DROPPED = Counter("websocket_slow_dropped_total",
+                     "Messages not queued because a socket could not keep up")
+WS_CLOSED_SLOW = Counter("websocket_closed_slow_total", "Sockets closed for being too slow")

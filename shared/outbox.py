@@ -62,7 +62,8 @@ def claim_and_dispatch(send, *, limit: int = 500) -> int:
         if conn.dialect.name == "postgresql":
             q = q.with_for_update(skip_locked=True)
         rows = conn.execute(q).all()
-        for row in rows:
+        # Balance updates first: they are what a user is watching on the websocket.
+        for row in sorted(rows, key=lambda r: r.task != PUBLISH_BALANCE):
             eta = row.available_at if row.available_at > now else None
             send(row.task, row.payload, eta)
         if rows:

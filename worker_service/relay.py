@@ -17,9 +17,19 @@ POLL_S = 0.25
 
 
 def send_with(celery_app):
-    """The ``send`` callback for shared.outbox.claim_and_dispatch, over ``celery_app``."""
+    """The ``send`` callback for shared.outbox.claim_and_dispatch, over ``celery_app``.
+
+    Balance updates that carry their message are published straight to Redis pub/sub
+    (no task hop: this is the websocket's latency path); everything else becomes a task.
+    """
+    from shared import outbox, realtime
 
     def send(task: str, payload: dict, eta) -> None:
+        if task == outbox.PUBLISH_BALANCE and "message" in payload:
+            message = payload["message"]
+            realtime.publish(realtime.user_channel(message["transaction"]["user_id"]), message)
+            realtime.publish(realtime.ADMIN_CHANNEL, message)
+            return
         celery_app.send_task(task, kwargs=payload, eta=eta, retry=False)
 
     return send

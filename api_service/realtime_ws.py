@@ -1,0 +1,214 @@
+"""Websockets: /ws/balance (a user's live balance) and /ws/admin (every transaction, alert).
+
+Protocol (DESIGN.md "Realtime"): authenticate with ?token= or a first
+``{"type": "auth", "token": ...}`` within 5 s (else close 1008); then a ``snapshot``, the
+replay of every transaction with seq > since_seq from the database, then live messages in
+seq order without gaps or duplicates. The socket registers with the hub BEFORE reading the
+snapshot, so an update committed during the replay is either in the replay or queued live;
+``UserStream`` drops what it already sent and fills any gap from the database.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+
+from flask import current_app, request
+from flask_sock import Sock
+from simple_websocket import ConnectionClosed
+from sqlalchemy import select
+
+from api_service.auth import Principal, decode_token
+from api_service.hub import Subscriber, hub_for
+from shared.db import db
+from shared.errors import Unauthorized
+from shared.ledger import serialize_transaction
+from shared.metrics import WS_CLOSED_SLOW, WS_OPEN
+from shared.models import Account, Transaction
+from shared.realtime import balance_update
+
+sock = Sock()
+log = logging.getLogger("txmon.ws")
+AUTH_TIMEOUT_S = 5
+POLICY_VIOLATION = 1008
+TRY_AGAIN_LATER = 1013
+
+
+def _authenticate(ws, role: str) -> Principal | None:
+    """The caller from ?token= or a first auth message; closes with 1008 and returns None."""
+    token = request.args.get("token")
+    if token is None:
+        try:
+            first = ws.receive(timeout=AUTH_TIMEOUT_S)
+            data = json.loads(first) if first else None
+            if isinstance(data, dict) and data.get("type") == "auth":
+                token = data.get("token")
+        except (ValueError, ConnectionClosed):
+            token = None
+    try:
+        if not isinstance(token, str) or not token:
+            raise Unauthorized("authentication required")
+        principal = decode_token(token)
+        if role == "admin" and principal.kind != "admin":
+            raise Unauthorized("admin token required")
+        return principal
+    except Unauthorized as exc:
+        _close(ws, POLICY_VIOLATION, exc.message)
+        return None
+
+
+def _close(ws, code: int, message: str) -> None:
+    try:
+        ws.close(reason=code, message=message)
+    except Exception:  # already gone
+        pass
+
+
+def _force_close_later(ws, grace_s: float = 2.0):
+    """on_slow callback: if the handler has not closed the socket within ``grace_s`` (its
+    send is stuck on a full TCP buffer), shut the TCP connection so the handler unblocks."""
+
+    def shut():
+        try:
+            ws.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def arm():
+        timer = threading.Timer(grace_s, shut)
+        timer.daemon = True
+        timer.start()
+
+    return arm
+
+
+def _reader(ws, sub: Subscriber) -> None:
+    """Answer text pings and notice the client leaving (runs beside the sender loop)."""
+    try:
+        while True:
+            data = ws.receive()
+            if data == "ping":
+                sub.wake(("pong", None))
+    except (ConnectionClosed, OSError):
+        pass
+    finally:
+        sub.wake(("closed", None))
+
+
+class UserStream:
+    """What one user's socket has been sent, so every seq goes out once and in order."""
+
+    def __init__(self, ws, user_id: str):
+        self.ws, self.user_id = ws, user_id
+        self.last_seq: int | None = None
+
+    def send(self, message: dict) -> None:
+        self.ws.send(json.dumps(message))
+
+    def sync(self, since_seq: int | None) -> None:
+        """Send a snapshot, then every transaction after ``since_seq`` up to it."""
+        with db.engine.connect() as conn:
+            row = conn.execute(select(Account.balance_cents, Account.last_seq)
+                               .where(Account.user_id == self.user_id)).first()
+            balance, seq = (row.balance_cents, row.last_seq) if row else (0, 0)
+            self.send({"type": "snapshot", "balance_cents": balance, "seq": seq})
+            if since_seq is not None and since_seq < seq:
+                self._replay(conn, since_seq, seq)
+        self.last_seq = seq
+
+    def _replay(self, conn, after: int, upto: int) -> None:
+        rows = conn.execute(select(Transaction.__table__).where(
+            Transaction.user_id == self.user_id, Transaction.seq > after,
+            Transaction.seq <= upto).order_by(Transaction.seq)).all()
+        for tx in rows:
+            data = serialize_transaction(tx)
+            self.send(balance_update(data, data["created_at"]))
+
+    def deliver(self, message: dict) -> None:
+        """Send a live message; balance updates strictly in seq order, gaps filled from SQL."""
+        if message.get("type") != "balance_update":
+            self.send(message)
+            return
+        seq = message["seq"]
+        if seq <= self.last_seq:
+            return  # already sent (replay, or gap fill)
+        if seq > self.last_seq + 1:
+            with db.engine.connect() as conn:
+                self._replay(conn, self.last_seq, seq - 1)
+        self.send(message)
+        self.last_seq = seq
+
+
+def _pump(ws, sub: Subscriber, on_message, on_resync) -> None:
+    """Drain the subscriber's queue to the socket until it closes or falls behind."""
+    threading.Thread(target=_reader, args=(ws, sub), daemon=True).start()
+    while True:
+        kind, payload = sub.queue.get()
+        if sub.slow:
+            WS_CLOSED_SLOW.inc()
+            _close(ws, TRY_AGAIN_LATER, "too slow; reconnect with since_seq")
+            return
+        if kind == "closed":
+            return
+        if kind == "pong":
+            ws.send("pong")
+        elif kind == "resync":
+            on_resync()
+        else:
+            on_message(payload)
+
+
+def _parse_since(ws) -> tuple[bool, int | None]:
+    raw = request.args.get("since_seq")
+    if raw is None:
+        return True, None
+    if not raw.isdigit() or len(raw) > 18:
+        _close(ws, POLICY_VIOLATION, "since_seq must be a non-negative integer")
+        return False, None
+    return True, int(raw)
+
+
+@sock.route("/ws/balance")
+def balance_socket(ws):
+    """A user's live balance (see module docstring)."""
+    ok, since = _parse_since(ws)
+    principal = _authenticate(ws, "user") if ok else None
+    if principal is None:
+        return
+    sub = Subscriber(user_id=principal.user_id, maxsize=current_app.config["WS_QUEUE_SIZE"],
+                     on_slow=_force_close_later(ws))
+    hub = hub_for(current_app.config["REDIS_URL"])
+    hub.add(sub)
+    WS_OPEN.inc()
+    try:
+        stream = UserStream(ws, principal.user_id)
+        stream.sync(since)
+        _pump(ws, sub, stream.deliver, lambda: stream.sync(stream.last_seq))
+    except (ConnectionClosed, OSError):
+        pass
+    finally:
+        hub.remove(sub)
+        WS_OPEN.dec()
+
+
+@sock.route("/ws/admin")
+def admin_socket(ws):
+    """Every transaction and alert, for admins."""
+    principal = _authenticate(ws, "admin")
+    if principal is None:
+        return
+    sub = Subscriber(user_id=None, admin=True, maxsize=current_app.config["WS_QUEUE_SIZE"],
+                     on_slow=_force_close_later(ws))
+    hub = hub_for(current_app.config["REDIS_URL"])
+    hub.add(sub)
+    WS_OPEN.inc()
+    try:
+        ws.send(json.dumps({"type": "hello", "role": "admin"}))
+        _pump(ws, sub, lambda m: ws.send(json.dumps(m)),
+              lambda: ws.send(json.dumps({"type": "resync"})))
+    except (ConnectionClosed, OSError):
+        pass
+    finally:
+        hub.remove(sub)
+        WS_OPEN.dec()
