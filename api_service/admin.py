@@ -26,7 +26,7 @@ def list_alerts(principal, query):
     return jsonify({"alerts": [alerts.serialize(a) for a in rows]})
 
 
-@bp.post("/alerts/<int:alert_id>/acknowledge")
+@bp.post("/alerts/<int(min=1, max=9223372036854775807):alert_id>/acknowledge")
 @operation("Acknowledge an alert", auth_as="admin", body=s.AcknowledgeIn, tags=TAGS,
            responses={200: s.AlertOut, 404: s.ErrorOut})
 def acknowledge(alert_id, principal, body):

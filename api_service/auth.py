@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hmac
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -11,6 +12,7 @@ from flask import current_app, g, request
 from shared.errors import Forbidden, Unauthorized
 
 ROLES = ("user", "admin")
+USER_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # DESIGN.md's id alphabet
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ def decode_token(token: str) -> Principal:
     except jwt.PyJWTError:
         raise Unauthorized("The token is invalid or expired.") from None
     sub, role = claims.get("sub"), claims.get("role", "user")
-    if not isinstance(sub, str) or not sub or len(sub) > 64 or role not in ROLES:
+    if not isinstance(sub, str) or not USER_ID.fullmatch(sub) or role not in ROLES:
         raise Unauthorized("The token's claims are invalid.")
     return Principal(role, sub)
 

@@ -110,13 +110,13 @@ def operation(summary: str, *, auth_as: str | None, responses: dict, body=None, 
 
 # -- OpenAPI -----------------------------------------------------------------------------
 
-_PATH_PARAM = re.compile(r"<(?:(\w+):)?(\w+)>")
+_PATH_PARAM = re.compile(r"<(?:(\w+)(?:\([^)]*\))?:)?(\w+)>")
 
 
 def _parameters(rule, op: Operation, query_schema: dict | None) -> list[dict]:
     params = []
     for converter, name in _PATH_PARAM.findall(rule.rule):
-        schema = ({"type": "integer", "minimum": 1} if converter == "int"
+        schema = ({"type": "integer", "minimum": 1, "maximum": 2**63 - 1} if converter == "int"
                   else TypeAdapter(Id).json_schema())
         params.append({"name": name, "in": "path", "required": True, "schema": schema})
     if query_schema:

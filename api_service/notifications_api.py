@@ -23,7 +23,7 @@ def list_notifications(principal, query):
                     "next_cursor": str(next_id) if next_id is not None else None})
 
 
-@bp.post("/<int:notification_id>/read")
+@bp.post("/<int(min=1, max=9223372036854775807):notification_id>/read")
 @operation("Mark one notification read", auth_as="user", tags=TAGS,
            responses={200: s.NotificationOut, 404: s.ErrorOut})
 def read_one(notification_id, principal):
