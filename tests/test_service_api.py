@@ -148,14 +148,6 @@ def test_id_of_64_allowed_chars__accepted(api):
     assert r.get_json()["user_id"] == uid
 
 
-@pytest.mark.parametrize("raw", [b"{not json", b"[]", b"[1, 2]", b'"text"', b"null", b"42"])
-def test_put_account__body_not_a_json_object__400(api, raw):
-    r = api.client.put("/api/v1/accounts/u1", headers={**api.service,
-                                                       "Content-Type": "application/json"},
-                       data=raw)
-    assert_error(r, 400, "bad_request")
-
-
 # -- credits -----------------------------------------------------------------------------
 
 def test_credit__201_then_replay_200_same_body(api):
@@ -235,12 +227,15 @@ def test_credit__missing_or_unknown_field__422(api, body):
     assert ledger_state(api, "u1")["transactions"] == []
 
 
-@pytest.mark.parametrize("raw", [b"{", b"[]", b"not json at all"])
-def test_credit__body_not_a_json_object__400(api, raw):
+@pytest.mark.parametrize("raw", [b'{"amount_cents": 1e3, "payment_id": "p"}',
+                                 b'{"amount_cents": NaN, "payment_id": "p"}',
+                                 b'{"amount_cents": 10000000000000000000000, "payment_id": "p"}',
+                                 b'{"amount_cents": 100, "payment_id": "p\\n"}'])
+def test_credit__raw_json_numbers_and_ids_outside_the_contract__422(api, raw):
     api.account("u1")
     r = api.client.post("/api/v1/accounts/u1/credits", data=raw,
                         headers={**api.service, "Content-Type": "application/json"})
-    assert_error(r, 400, "bad_request")
+    assert_error(r, 422, "validation_error")
     assert ledger_state(api, "u1")["transactions"] == []
 
 
@@ -379,6 +374,24 @@ def test_purchase__replay_200_same_body(api):
     assert ledger_state(api, "u1")["balance"] == 1850
 
 
+def test_purchase__replay_200_even_when_balance_no_longer_covers_it(api):
+    api.account("u1", 150)
+    first = api.purchase("u1", 150, vid="v1")
+    replay = api.purchase("u1", 150, vid="v1")
+    assert (first.status_code, replay.status_code) == (201, 200)
+    assert replay.get_json() == first.get_json()
+    assert ledger_state(api, "u1")["balance"] == 0
+
+
+def test_purchase__402_does_not_use_up_the_id(api):
+    api.account("u1", 100)
+    assert_error(api.purchase("u1", 150, vid="v1"), 402, "insufficient_funds")
+    credit(api, "u1", 100, "pay-2")
+    r = api.purchase("u1", 150, vid="v1")
+    assert r.status_code == 201
+    assert r.get_json()["balance_cents"] == 50
+
+
 @pytest.mark.parametrize("change", [{"cost_cents": 200}, {"country": "GB"},
                                     {"service_name": "Telegram"}, {"user_id": "u2"},
                                     {"timeout_seconds": 600}])
@@ -458,13 +471,6 @@ def test_purchase__missing_required_field__422(api, drop):
 def test_purchase__unknown_field__422(api):
     api.account("u1", 2000)
     assert_error(api.purchase("u1", 150, vid="v1", coupon="FREE"), 422, "validation_error")
-
-
-@pytest.mark.parametrize("raw", [b"{", b"[]", b"[{}]"])
-def test_purchase__body_not_a_json_object__400(api, raw):
-    r = api.client.post("/api/v1/verifications", data=raw,
-                        headers={**api.service, "Content-Type": "application/json"})
-    assert_error(r, 400, "bad_request")
 
 
 # -- verification lifecycle --------------------------------------------------------------
@@ -596,16 +602,6 @@ def test_cancel__invalid_body__422_no_refund(api, body):
     assert ver["status"] == "pending"
 
 
-@pytest.mark.parametrize("raw", [b"{", b"[]"])
-def test_cancel__body_not_a_json_object__400(api, raw):
-    api.account("u1", 2000)
-    api.purchase("u1", 150, vid="v1")
-    r = api.client.post("/api/v1/verifications/v1/cancel", data=raw,
-                        headers={**api.service, "Content-Type": "application/json"})
-    assert_error(r, 400, "bad_request")
-    assert ledger_state(api, "u1")["balance"] == 1850
-
-
 # -- account transactions (service view of the wallet's "detailed") ---------------------
 
 def test_account_transactions__200_detailed_page_and_unknown_404(api):
@@ -641,3 +637,40 @@ def test_database_unreachable__503_unavailable(api, monkeypatch):
     monkeypatch.setattr(accounts, "get", down)
     assert_error(api.client.get("/api/v1/accounts/u1", headers=api.service), 503,
                  "unavailable")
+
+
+# -- bodies that are not a JSON object ---------------------------------------------------
+
+BODY_ROUTES = [("put", "/api/v1/accounts/u1"), ("post", "/api/v1/accounts/u1/credits"),
+               ("post", "/api/v1/accounts/u1/adjustments"), ("post", "/api/v1/verifications"),
+               ("post", "/api/v1/verifications/v1/cancel"),
+               ("post", "/api/v1/verifications/v1/fail")]
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"not json at all", b"[]", b"[{}]", b'"text"',
+                                 b"null", b"42", b'{"a": 1} trailing', b"\xff\xfe{"])
+@pytest.mark.parametrize("method,path", BODY_ROUTES)
+def test_body_not_a_json_object__400_nothing_changed(api, method, path, raw):
+    api.account("u1", 2000)
+    api.purchase("u1", 150, vid="v1")
+    before = ledger_state(api, "u1")
+    r = getattr(api.client, method)(path, data=raw, headers={
+        **api.service, "Content-Type": "application/json"})
+    assert_error(r, 400, "bad_request")
+    assert ledger_state(api, "u1") == before
+
+
+@pytest.mark.parametrize("method,path", BODY_ROUTES[1:4])
+def test_required_body_left_out__400(api, method, path):
+    api.account("u1", 2000)
+    assert_error(getattr(api.client, method)(path, headers=api.service), 400, "bad_request")
+    assert ledger_state(api, "u1")["balance"] == 2000
+
+
+# -- anything else -----------------------------------------------------------------------
+
+def test_unknown_route_and_method__contract_error_body(api):
+    assert_error(api.client.get("/api/v1/nothing-here", headers=api.service), 404, "not_found")
+    r = api.client.delete("/api/v1/accounts/u1", headers=api.service)
+    assert r.status_code == 405
+    assert set(r.get_json()["error"]) == {"code", "message", "details"}
