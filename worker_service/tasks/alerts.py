@@ -16,12 +16,15 @@ def check_transaction(transaction_id: int) -> list[str]:
     if tx is None:
         return []
     fired = []
-    for finding in alert_rules.evaluate(tx, current_app.config):
+    findings = alert_rules.evaluate(tx, current_app.config)
+    user_id, tx_id = tx.user_id, tx.id
+    db.session.close()  # alerts write on their own connection (SQLite: one writer at a time)
+    for finding in findings:
         if finding.once_while_open and alerts.open_alert_exists(rule=finding.rule,
-                                                                user_id=tx.user_id):
+                                                                user_id=user_id):
             continue
-        _, created = alerts.raise_alert(rule=finding.rule, user_id=tx.user_id,
-                                        transaction_id=tx.id, details=finding.details,
+        _, created = alerts.raise_alert(rule=finding.rule, user_id=user_id,
+                                        transaction_id=tx_id, details=finding.details,
                                         dedup_key=finding.dedup_key)
         if created:
             fired.append(finding.rule)

@@ -23,12 +23,15 @@ def send_notification(self, notification_id: int) -> str:
         delivery.mark_email_failed(notification_id=notification_id)
         n = db.session.get(Notification, notification_id)
         if n is not None and n.type == "instant_refund":
+            user_id, tx_id = n.user_id, n.transaction_id
+            db.session.close()  # the alert is written on its own connection
             log.critical("CRITICAL: Failed to send refund notification: Notification=%s, "
-                         "User=%s, Error=%s", n.id, n.user_id, type(exc).__name__)
-            alerts.raise_alert(rule="refund_notification_failed", user_id=n.user_id,
-                               transaction_id=n.transaction_id,
-                               details={"notification_id": n.id, "error": type(exc).__name__},
-                               dedup_key=f"refund_notification_failed:{n.id}")
+                         "User=%s, Error=%s", notification_id, user_id, type(exc).__name__)
+            alerts.raise_alert(rule="refund_notification_failed", user_id=user_id,
+                               transaction_id=tx_id,
+                               details={"notification_id": notification_id,
+                                        "error": type(exc).__name__},
+                               dedup_key=f"refund_notification_failed:{notification_id}")
         return "failed"
 
 

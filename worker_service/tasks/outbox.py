@@ -7,7 +7,7 @@ from shared import outbox
 from shared.metrics import OUTBOX_BACKLOG
 
 
-@celery.task(name="txmon.outbox.sweep", max_retries=0, time_limit=60)
+@celery.task(name="txmon.outbox.sweep", max_retries=0, time_limit=60, soft_time_limit=50)
 def sweep() -> int:
     """Dispatch outbox rows left behind (crash after commit, Redis down); update the gauge."""
     sent = drain(celery)

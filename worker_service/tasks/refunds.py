@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 
 from sqlalchemy import select
 
@@ -27,10 +28,13 @@ def _expire(verification_id: str) -> str:
 @celery.task(name="txmon.refunds.expire_verification", bind=True)
 def expire_verification(self, verification_id: str) -> str:
     """The countdown task scheduled at purchase; refunds once if still pending."""
-    ver = db.session.get(Verification, verification_id)
-    if ver is None or ver.status != "pending":
+    try:
+        ver = ledger.get_verification(verification_id=verification_id)
+    except NotFound:
         return "ended"
-    remaining = (ver.expires_at - utcnow()).total_seconds()
+    if ver["status"] != "pending":
+        return "ended"
+    remaining = (datetime.fromisoformat(ver["expires_at"]) - utcnow()).total_seconds()
     if remaining > 0:  # delivered early (clock skew): come back at expiry
         raise self.retry(countdown=remaining, max_retries=self.max_retries + 1)
     return _expire(verification_id)
@@ -48,11 +52,13 @@ def scan_expired(limit: int = 50_000) -> int:
     now = utcnow()
     after, queued = "", 0
     while queued < limit:
-        ids = db.session.scalars(
-            select(Verification.id).where(Verification.status == "pending",
-                                          Verification.expires_at <= now,
-                                          Verification.id > after)
-            .order_by(Verification.id).limit(BATCH)).all()
+        # A short read per batch: on SQLite an open transaction holds the write lock.
+        with db.engine.connect() as conn:
+            ids = conn.execute(
+                select(Verification.id).where(Verification.status == "pending",
+                                              Verification.expires_at <= now,
+                                              Verification.id > after)
+                .order_by(Verification.id).limit(BATCH)).scalars().all()
         if not ids:
             break
         expire_batch.delay(ids)
