@@ -53,9 +53,10 @@ class Config:
         self.ALERT_RAPID_COUNT = _int_env("TXMON_ALERT_RAPID_COUNT", 10)
         self.ALERT_RAPID_WINDOW_S = _int_env("TXMON_ALERT_RAPID_WINDOW_S", 300)
         self.DEFAULT_LOW_BALANCE_CENTS = _int_env("TXMON_DEFAULT_LOW_BALANCE_CENTS", 100)
-        self.CELERY_VISIBILITY_TIMEOUT_S = _int_env("TXMON_CELERY_VISIBILITY_TIMEOUT_S",
-                                                    86400 + 3600)
+        self.CELERY_VISIBILITY_TIMEOUT_S = _int_env("CELERY_VISIBILITY_TIMEOUT_S", 86400 + 3600)
         self.CELERY_BROKER_URL = env.get("CELERY_BROKER_URL") or None
+        self.CELERY_PREFETCH = _int_env("CELERY_PREFETCH", 4)
+        self.OUTBOX_LEASE_S = _int_env("TXMON_OUTBOX_LEASE_S", 600)
         self.WS_QUEUE_SIZE = _int_env("TXMON_WS_QUEUE_SIZE", 256)
         self.RATELIMIT_USER = env.get("TXMON_RATELIMIT_USER", "600/minute")
         self.RATELIMIT_STORAGE_URI = env.get("TXMON_RATELIMIT_STORAGE", self.REDIS_URL)

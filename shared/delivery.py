@@ -55,18 +55,24 @@ def email(*, notification_id: int) -> str:
     prefs = notifications.get_preferences(user_id=n.user_id)
     if account is None or not account.email or not wanted("email", n, prefs):
         return _set_email_status(n, "skipped")
-    balance = account.balance_cents
-    if n.transaction_id is not None:
-        tx = db.session.get(Transaction, n.transaction_id)
-        balance = tx.balance_after_cents if tx else balance
-    context = {"title": n.title, "message": n.message,
-               "amount": dollars(abs(n.amount_cents or 0)), "balance": dollars(balance),
-               "wallet_url": _wallet_url()}
+    context = {"title": n.title, "message": n.message, "wallet_url": _wallet_url(),
+               **_amounts(n, account)}
     mail.send(mail.build(to=account.email, subject=f"txmon: {n.title}", context=context))
     EMAILS.labels(result="sent").inc()
     NOTIFICATIONS.labels(type=n.type, success="true").inc()
     log.info("Email sent: Type=%s, User=%s", n.type, n.user_id)
     return _set_email_status(n, "sent")
+
+
+def _amounts(n: Notification, account: Account) -> dict:
+    """The email's "Amount" and "New balance" as of the notification, not of sending."""
+    if n.type == "low_balance":  # amount_cents holds the balance that triggered it
+        return {"amount": None, "balance": dollars(n.amount_cents)}
+    balance = account.balance_cents
+    if n.transaction_id is not None:
+        tx = db.session.get(Transaction, n.transaction_id)
+        balance = tx.balance_after_cents if tx else balance
+    return {"amount": dollars(abs(n.amount_cents or 0)), "balance": dollars(balance)}
 
 
 def mark_email_failed(*, notification_id: int) -> None:

@@ -12,8 +12,8 @@ NOTIFICATIONS = Counter("notifications_total", "Notification deliveries by outco
 REFUND_LATENCY = Histogram("refund_latency_seconds",
                            "From expiry (or cancel/fail) to the refund's commit",
                            buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 15, 30, 60, 120))
-OUTBOX_BACKLOG = Gauge("outbox_backlog", "Outbox rows not yet dispatched",
-                       multiprocess_mode="max")
+OUTBOX_BACKLOG = Gauge("outbox_backlog", "Due outbox rows not yet dispatched",
+                       multiprocess_mode="mostrecent")
 ALERTS = Counter("alerts_total", "Suspicious-activity alerts raised", ["rule"])
 EMAILS = Counter("emails_total", "Emails by result", ["result"])
 

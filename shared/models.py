@@ -160,12 +160,17 @@ class OutboxMessage(db.Model):
     available_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
 
     __table_args__ = (
         Index("ix_outbox_undispatched", "id",
               postgresql_where=text("dispatched_at IS NULL"),
               sqlite_where=text("dispatched_at IS NULL")),
+        # The sweep's lease check reads only rows whose task has not finished.
+        Index("ix_outbox_unfinished", "available_at",
+              postgresql_where=text("completed_at IS NULL"),
+              sqlite_where=text("completed_at IS NULL")),
     )
 
 

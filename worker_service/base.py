@@ -12,8 +12,10 @@ import time
 
 import redis
 from celery import Task
+from celery.exceptions import Retry
 from sqlalchemy.exc import OperationalError
 
+from shared import outbox
 from shared.db import db
 from worker_service.worker_metrics import TASK_RUNS, TASK_SECONDS
 
@@ -22,6 +24,8 @@ class PermanentError(Exception):
     """A failure retrying cannot fix (bad data, a row that can never qualify)."""
 
 
+# Checked before TRANSIENT (they are SMTPException subclasses): retrying cannot help.
+PERMANENT = (PermanentError, smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused)
 TRANSIENT = (OperationalError, redis.ConnectionError, redis.TimeoutError, smtplib.SMTPException,
              socket.timeout, ConnectionError, TimeoutError)
 
@@ -30,25 +34,41 @@ class TxmonTask(Task):
     abstract = True
     acks_late = True
     autoretry_for = TRANSIENT
-    dont_autoretry_for = (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused)
+    dont_autoretry_for = PERMANENT
     retry_backoff = 2
     retry_backoff_max = 300
     retry_jitter = True
     max_retries = 8
 
     def __call__(self, *args, **kwargs):
+        outbox_id = kwargs.pop("outbox_id", None)
         started = time.monotonic()
         outcome = "ok"
         with self.app.flask_app.app_context():
             try:
-                return super().__call__(*args, **kwargs)
+                result = self.run(*args, **kwargs)
+            except Retry:
+                outcome = "retry"
+                raise
             except Exception:
                 outcome = "error"
                 raise
+            else:
+                if outbox_id is not None:
+                    outbox.mark_completed(outbox_id)
+                return result
             finally:
                 db.session.remove()
                 TASK_RUNS.labels(task=self.name, outcome=outcome).inc()
                 TASK_SECONDS.labels(task=self.name).observe(time.monotonic() - started)
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo):
+        """Final failure (retries spent or a permanent error): the outbox row is finished
+        too, so the sweep does not send a poisoned task forever."""
+        outbox_id = (kwargs or {}).get("outbox_id")
+        if outbox_id is not None:
+            with self.app.flask_app.app_context():
+                outbox.mark_completed(outbox_id)
 
     @property
     def retries_exhausted(self) -> bool:

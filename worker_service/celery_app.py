@@ -54,7 +54,9 @@ def celery_config(flask_config: dict) -> dict:
 
 def make_celery(flask_app) -> Celery:
     """A Celery app bound to ``flask_app``; the base task gives every run an app context."""
-    app = Celery("txmon", include=TASK_MODULES, task_cls="worker_service.base:TxmonTask")
+    # strict_typing off: messages carry an extra outbox_id kwarg (see worker_service/base.py).
+    app = Celery("txmon", include=TASK_MODULES, task_cls="worker_service.base:TxmonTask",
+                 strict_typing=False)
     app.conf.update(celery_config(flask_app.config))
     app.flask_app = flask_app
     flask_app.extensions["celery"] = app

@@ -24,26 +24,30 @@ def send_with(celery_app):
     """
     from shared import outbox, realtime
 
-    def send(task: str, payload: dict, eta) -> None:
-        if task == outbox.PUBLISH_BALANCE and "message" in payload:
-            message = payload["message"]
+    def send(task: str, kwargs: dict, eta) -> bool:
+        if task == outbox.PUBLISH_BALANCE and "message" in kwargs:
+            message = kwargs["message"]
             realtime.publish(realtime.user_channel(message["transaction"]["user_id"]), message)
             realtime.publish(realtime.ADMIN_CHANNEL, message)
-            return
-        celery_app.send_task(task, kwargs=payload, eta=eta, retry=False)
+            return True
+        celery_app.send_task(task, kwargs=kwargs, eta=eta, retry=False)
+        return False
 
     return send
 
 
-def drain(celery_app) -> int:
-    """Dispatch every due row now; returns how many were sent."""
+def drain(celery_app, *, lease_s: int | None = None) -> int:
+    """Dispatch every undispatched row now (and, with ``lease_s``, every lost one);
+    returns how many were sent. Updates the backlog gauge."""
     from shared import outbox
+    from shared.metrics import OUTBOX_BACKLOG
 
     total = 0
     while True:
-        sent = outbox.claim_and_dispatch(send_with(celery_app))
+        sent = outbox.claim_and_dispatch(send_with(celery_app), lease_s=lease_s)
         total += sent
         if sent == 0:
+            OUTBOX_BACKLOG.set(outbox.backlog())
             return total
 
 
