@@ -1,0 +1,257 @@
+"""Faults with real processes: Redis stopped during traffic, a worker child SIGKILLed mid-task.
+
+DESIGN.md invariant 6 / issue 3: with Redis stopped the API keeps accepting purchases,
+credits and refunds, and once Redis is back everything pending is delivered; a worker child
+killed mid-task does not lose the task (acks_late + reject_on_worker_lost) and the task's
+effect still happens exactly once.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+from collections import Counter
+from datetime import datetime, timezone
+
+import pytest
+
+pytest.register_assert_rewrite("tests.worker_support")
+
+from tests.helpers import invariant_violations  # noqa: E402
+from tests.worker_support import (RowLock, email_statuses, outbox_pending,  # noqa: E402
+                                  pid_owning_local_port, rows, scalar, wait_quiet, wait_until)
+
+pytest_plugins = ["tests.worker_support"]
+
+
+def _ok(r, *codes):
+    assert r.status_code in (codes or (200, 201)), (r.status_code, r.get_json())
+    return r.get_json()
+
+
+class Traffic:
+    """Credits, purchases and cancels from a background thread, recording every answer."""
+
+    def __init__(self, app, service_headers: dict, users: list[str]):
+        self.app, self.headers, self.users = app, service_headers, users
+        self.answers: list[tuple[str, str, int, dict]] = []  # (phase, op, status, body)
+        self.phase = "before"
+        self.pace = 0.05  # seconds between requests: steady traffic, not a flood
+        self.stopping = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="traffic", daemon=True)
+
+    def _run(self) -> None:
+        client = self.app.test_client()
+        i = 0
+        try:
+            while not self.stopping.is_set():
+                user = self.users[i % len(self.users)]
+                phase, kind = self.phase, ("credit", "purchase", "cancel")[i % 3]
+                if kind == "credit":
+                    r = client.post(f"/api/v1/accounts/{user}/credits", headers=self.headers,
+                                    json={"amount_cents": 100 + i, "payment_id": f"pay-{i}"})
+                elif kind == "purchase":
+                    r = client.post("/api/v1/verifications", headers=self.headers, json={
+                        "id": f"vr-{i}", "user_id": user, "service_name": "Telegram",
+                        "country": "DE", "cost_cents": 40 + i % 7})
+                else:
+                    r = client.post(f"/api/v1/verifications/vr-{i - 1}/cancel",
+                                    headers=self.headers, json={"reason": "no sms"})
+                self.answers.append((phase, kind, r.status_code, r.get_json()))
+                i += 1
+                self.stopping.wait(self.pace)
+        except BaseException as exc:  # surfaced by stop()
+            self.error = exc
+
+    def count(self, phase: str | None = None) -> int:
+        return sum(1 for a in list(self.answers) if phase is None or a[0] == phase)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive()
+        if self.error:
+            raise self.error
+
+
+def _unfinished(worker, task: str = "") -> int:
+    """Tasks the worker took from Redis and has not finished (running or reserved)."""
+    rx = re.compile(r"Task (txmon\.[\w.]+)\[([0-9a-f-]+)\] (received|succeeded|retry|raised|failed)")
+    received, finished = set(), set()
+    for line in worker.log().splitlines():
+        m = rx.search(line)
+        if m and m.group(1).startswith(task or "txmon."):
+            (received if m.group(3) == "received" else finished).add(m.group(2))
+    return len(received - finished)
+
+
+def _tx_id(kind: str, body: dict) -> int:
+    return body["refund"]["id"] if kind == "cancel" else body["transaction"]["id"]
+
+
+def test_redis_stopped_during_traffic__api_keeps_working__nothing_lost(
+        app, api, workers, smtp, redis_server, celery_client):
+    """Traffic runs before, during and after a Redis outage. When Redis stops, the worker
+    is busy (both children inside a slow SMTP DATA) and holds more email tasks it has taken
+    but not started - the normal state of a loaded worker. Those messages are lost with the
+    connection; the outbox sweep sends them again once their lease (5 s here) has passed."""
+    worker = workers.start(smtp=smtp, TXMON_OUTBOX_LEASE_S="5")
+    users = [f"rd-{i}" for i in range(4)]
+    for u in users:
+        api.account(u, 50_000, email=f"{u}@example.com")
+    traffic = Traffic(app, api.service, users)
+    traffic.start()
+    try:
+        wait_until(lambda: traffic.count("before") >= 15, timeout=60, message="traffic flowing")
+        wait_until(lambda: "sent" in email_statuses(app).values(), timeout=30,
+                   message="the worker delivering before the outage")
+        smtp.hold_next = 2
+        wait_until(lambda: smtp.held == 2, timeout=30, message="both children inside SMTP DATA")
+        wait_until(lambda: _unfinished(worker, "txmon.email.send_notification") >= 4,
+                   timeout=30, message="email tasks taken by the worker and not yet started")
+
+        redis_server.stop()
+        traffic.phase = "down"
+        smtp.release()
+        wait_until(lambda: traffic.count("down") >= 30, timeout=60,
+                   message="traffic while Redis is down")
+        assert not redis_server.ping(), "Redis came back on its own?"
+        # The commits pile up in the outbox while nothing can be dispatched.
+        assert outbox_pending(app) > 0
+
+        redis_server.start()
+        traffic.phase = "after"
+        wait_until(lambda: traffic.count("after") >= 15, timeout=60,
+                   message="traffic after Redis is back")
+    finally:
+        traffic.stop()
+        smtp.release()
+
+    bad = [(p, k, s, b) for p, k, s, b in traffic.answers if s not in (200, 201)]
+    assert bad == [], bad[:5]
+    assert {p for p, *_ in traffic.answers} == {"before", "down", "after"}
+    assert invariant_violations(app) == []
+
+    # Every outbox row written before, during and after the outage is dispatched.
+    wait_until(lambda: outbox_pending(app) == 0, timeout=60,
+               message=lambda: f"outbox dispatched ({outbox_pending(app)} rows left)")
+    by_tx = {r["transaction_id"]: r for r in rows(
+        app, "SELECT id, transaction_id, user_id, title FROM notifications")}
+
+    def pending(phases) -> list[int]:
+        ids = {by_tx[_tx_id(k, b)]["id"] for p, k, _, b in traffic.answers if p in phases}
+        return sorted(i for i, st in email_statuses(app).items() if st == "pending" and i in ids)
+
+    # What was committed while Redis was down, or after, is all delivered.
+    wait_until(lambda: pending({"down", "after"}) == [], timeout=60,
+               message=lambda: f"emails of the outage and after still pending: "
+                               f"{pending({'down', 'after'})}")
+
+    def stranded() -> str:
+        left = sorted(i for i, st in email_statuses(app).items() if st == "pending")
+        held = sorted(kw.get("notification_id") for task, kw in redis_server.unacked()
+                      if task == "txmon.email.send_notification"
+                      and kw.get("notification_id") in left)
+        all_held = Counter(task for task, _ in redis_server.unacked())
+        return (f"notifications {left} still pending after Redis came back; Redis 'unacked' "
+                f"hash holds send_notification for {held} (taken by the worker before the "
+                f"outage, restored only after the visibility timeout); all unacked: "
+                f"{dict(all_held)}")
+
+    # ... and so is what the worker had already taken from Redis when it went away: beat
+    # is not running here, so the test sends the sweep that beat sends every 5 s.
+    def swept_and_delivered() -> bool:
+        celery_client.send_task("txmon.outbox.sweep")
+        return "pending" not in email_statuses(app).values()
+
+    wait_until(swept_and_delivered, timeout=60, interval=3, message=stranded)
+    notes = list(by_tx.values())
+    for user in users:
+        mine = [n for n in notes if n["user_id"] == user]
+        got = smtp.messages(to=f"{user}@example.com")
+        for title in {n["title"] for n in mine}:
+            want = sum(1 for n in mine if n["title"] == title)
+            have = sum(1 for m in got if m.subject == f"txmon: {title}")
+            assert have >= want, (user, title, want, have)  # at least once
+    assert set(email_statuses(app).values()) == {"sent"}
+
+
+def test_sigkill_worker_child_mid_email__sent_once_status_consistent(app, api, workers, smtp):
+    smtp.hold_next = 1  # the first DATA command stays open until we say so
+    worker = workers.start(smtp=smtp)
+    api.account("kim", 0, email="kim@example.com")
+    credit = _ok(api.client.post("/api/v1/accounts/kim/credits", headers=api.service,
+                                 json={"amount_cents": 1234, "payment_id": "pk-1"}))
+    nid = scalar(app, "SELECT id FROM notifications WHERE transaction_id = :t",
+                 t=credit["transaction"]["id"])
+
+    wait_until(smtp.holding.is_set, timeout=30, message="the email task inside SMTP DATA")
+    victim = pid_owning_local_port(smtp.held_peer[1], worker.children())
+    assert victim is not None, (smtp.held_peer, worker.children())
+    assert email_statuses(app, "kim")[nid] == "pending"
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: worker.lines(rf"pid:{victim} exited with 'signal 9"), timeout=30,
+               message="the pool noticing the killed child")
+    smtp.release()
+
+    wait_until(lambda: email_statuses(app, "kim")[nid] != "pending", timeout=60,
+               message=lambda: f"email_status after the kill: {email_statuses(app, 'kim')}; "
+                               f"log tail:\n{worker.log()[-2500:]}")
+    assert email_statuses(app, "kim")[nid] == "sent"
+    # The killed attempt was redelivered (same task id received twice) and completed.
+    redelivered = {t: n for t, n in worker.received("txmon.email.send_notification").items()
+                   if n > 1}
+    assert len(redelivered) == 1, worker.received("txmon.email.send_notification")
+    task_id = next(iter(redelivered))
+    assert worker.lines(rf"send_notification\[{task_id}\] succeeded .*'sent'")
+    # SMTP delivery is at least once: the killed attempt's DATA had arrived, then the retry's.
+    got = smtp.messages(to="kim@example.com", subject="txmon: Credits Added")
+    assert 1 <= len(got) <= 2
+    assert all("$12.34" in m.part("plain") for m in got)
+    assert rows(app, "SELECT count(*) AS n FROM notifications WHERE user_id = 'kim'")[0]["n"] == 1
+    assert invariant_violations(app) == []
+
+
+def test_sigkill_worker_child_mid_refund__refund_exists_once(app, api, workers):
+    worker = workers.start()
+    api.account("lee", 1000)
+    r = _ok(api.purchase("lee", 400, vid="v-kill", timeout_seconds=10))
+    expires_at = datetime.fromisoformat(r["verification"]["expires_at"])
+
+    lock = RowLock(app, "SELECT * FROM accounts WHERE user_id = 'lee' FOR UPDATE")
+    try:
+        def blocked_ports() -> list[int]:
+            return [row["client_port"] for row in rows(
+                app, "SELECT client_port FROM pg_stat_activity WHERE datname = current_database() "
+                     "AND wait_event_type = 'Lock' AND query ILIKE 'UPDATE accounts%'")]
+
+        wait_until(lambda: datetime.now(timezone.utc) > expires_at, timeout=30, message="expiry")
+        ports = wait_until(blocked_ports, timeout=30,
+                           message="the countdown refund blocked inside its transaction")
+        victim = pid_owning_local_port(ports[0], worker.children())
+        assert victim is not None, (ports, worker.children())
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: worker.lines(rf"pid:{victim} exited with 'signal 9"), timeout=30,
+                   message="the pool noticing the killed child")
+        # acks_late + reject_on_worker_lost: the same task comes back and blocks again.
+        wait_until(lambda: 2 in worker.received("txmon.refunds.expire_verification").values(),
+                   timeout=30, message="the killed refund task redelivered")
+        assert scalar(app, "SELECT status FROM verifications WHERE id = 'v-kill'") == "pending"
+    finally:
+        lock.release()
+
+    wait_until(lambda: worker.lines(r"expire_verification\[.*\] succeeded"), timeout=60,
+               message=lambda: f"the redelivered refund task finished; log tail:\n"
+                               f"{worker.log()[-2500:]}")
+    assert scalar(app, "SELECT status FROM verifications WHERE id = 'v-kill'") == "timed_out"
+    refunds = rows(app, "SELECT * FROM transactions WHERE verification_id = 'v-kill' "
+                        "AND type = 'verification_refund'")
+    assert len(refunds) == 1 and refunds[0]["amount_cents"] == 400
+    assert scalar(app, "SELECT balance_cents FROM accounts WHERE user_id = 'lee'") == 1000
+    assert len(worker.lines(r"Auto-refund processed: Verification=v-kill, Amount=400\b")) == 1
+    assert invariant_violations(app) == []

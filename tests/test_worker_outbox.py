@@ -1,0 +1,210 @@
+"""The outbox relay, its backlog gauge, and countdown tasks vs. the Redis visibility timeout.
+
+Issue 3: rows are claimed with SKIP LOCKED so two relays never double-send; a gauge shows
+the backlog; the Redis visibility timeout is set consistently and longer than any countdown,
+so a countdown task is not delivered twice ("test it with a short visibility timeout").
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+pytest.register_assert_rewrite("tests.worker_support")
+
+from tests.helpers import invariant_violations  # noqa: E402
+from tests.worker_support import (RowLock, outbox_pending, rows, scalar,  # noqa: E402
+                                  wait_until)
+
+pytest_plugins = ["tests.worker_support"]
+
+MAX_TIMEOUT_S = 86400  # DESIGN.md: timeout_seconds 10-86400
+
+
+def _postgres_only(database_url):
+    if not database_url.startswith("postgres"):
+        pytest.skip("SKIP LOCKED is the Postgres path (SQLite serializes writers)")
+
+
+def _write_rows(app, task: str, payloads: list[dict]) -> None:
+    from shared import outbox
+    from shared.db import db, utcnow
+
+    with app.app_context(), db.engine.begin() as conn:
+        now = utcnow()
+        outbox.write(conn, [outbox.message(task, None, now, **p) for p in payloads])
+
+
+def test_two_relays_concurrently_never_send_a_row_twice(app, database_url):
+    _postgres_only(database_url)
+    from shared import outbox
+
+    n = 3000
+    _write_rows(app, "txmon.test.noop", [{"n": i} for i in range(n)])
+    with app.app_context():
+        assert outbox.backlog() == n
+
+    sent: dict[int, list[int]] = {0: [], 1: []}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2, timeout=30)
+
+    def relay(k: int) -> None:
+        def send(task, payload, eta):
+            assert task == "txmon.test.noop" and eta is None
+            sent[k].append(payload["n"])
+            time.sleep(0.0002)  # a publish takes a moment: widen the overlap
+
+        try:
+            with app.app_context():
+                barrier.wait()
+                while outbox.claim_and_dispatch(send, limit=50 + 25 * k):
+                    pass
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=relay, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    everything = sent[0] + sent[1]
+    assert len(everything) == len(set(everything)), "a row was sent twice"
+    assert sorted(everything) == list(range(n))
+    assert sent[0] and sent[1], "both relays should have taken a share"
+    with app.app_context():
+        assert outbox.backlog() == 0
+    assert rows(app, "SELECT DISTINCT attempts FROM outbox") == [{"attempts": 1}]
+    assert scalar(app, "SELECT count(*) FROM outbox WHERE dispatched_at IS NULL") == 0
+
+
+def _sweeps_done(worker) -> int:
+    return len(worker.lines(r"Task txmon\.outbox\.sweep\[.*\] succeeded"))
+
+
+def _sweep(worker, celery_client) -> None:
+    before = _sweeps_done(worker)
+    celery_client.send_task("txmon.outbox.sweep")
+    wait_until(lambda: _sweeps_done(worker) > before, timeout=30, message="outbox.sweep ran")
+
+
+def _locked_backlog(app, n: int) -> RowLock:
+    """``n`` committed outbox rows (harmless tasks) that the test holds locked, so no relay
+    can claim them (SKIP LOCKED) and they stay in the backlog."""
+    _write_rows(app, "txmon.realtime.publish_alert", [{"alert_id": 10**9 + i} for i in range(n)])
+    lock = RowLock(app, "SELECT id FROM outbox WHERE dispatched_at IS NULL FOR UPDATE")
+    assert len(lock.locked) == n
+    return lock
+
+
+def test_backlog_gauge_shows_rows_waiting_then_zero(app, database_url, workers, celery_client):
+    """One pool process (-c 1), so every sweep updates the same process's gauge."""
+    _postgres_only(database_url)
+    lock = _locked_backlog(app, 7)
+    try:
+        worker = workers.start(concurrency=1)
+        _sweep(worker, celery_client)
+        assert outbox_pending(app) == 7  # skipped, not sent: the relay cannot claim them
+        assert worker.metric("outbox_backlog") == 7.0
+    finally:
+        lock.release()
+    _sweep(worker, celery_client)
+    assert outbox_pending(app) == 0
+    assert worker.metric("outbox_backlog") == 0.0
+
+
+def test_backlog_gauge_after_pool_process_replaced__not_stuck(
+        app, database_url, workers, celery_client):
+    """The gauge is ``multiprocess_mode="max"``: the value a pool process wrote stays in
+    PROMETHEUS_MULTIPROC_DIR after that process is gone. Once the backlog is drained, the
+    gauge must say 0 even if the process that last saw a backlog was replaced."""
+    _postgres_only(database_url)
+    lock = _locked_backlog(app, 7)
+    try:
+        worker = workers.start(concurrency=1)
+        _sweep(worker, celery_client)
+        assert worker.metric("outbox_backlog") == 7.0
+        (child,) = worker.children()
+        os.kill(child, signal.SIGKILL)  # e.g. a hard time limit, an OOM kill
+        wait_until(lambda: worker.children() and worker.children() != [child], timeout=30,
+                   message="the pool replacing its process")
+    finally:
+        lock.release()
+    _sweep(worker, celery_client)
+    assert outbox_pending(app) == 0
+    files = sorted(os.listdir(worker.env["PROMETHEUS_MULTIPROC_DIR"]))
+    assert worker.metric("outbox_backlog") == 0.0, (
+        f"gauge files {[f for f in files if f.startswith('gauge')]}; killed pid {child}")
+
+
+def test_visibility_timeout__longer_than_any_countdown_and_set_everywhere(app):
+    from worker_service.celery_app import celery as worker_celery
+    from worker_service.celery_app import celery_config
+
+    conf = celery_config(app.config)
+    assert conf["broker_transport_options"]["visibility_timeout"] > MAX_TIMEOUT_S
+    assert worker_celery.conf.broker_transport_options["visibility_timeout"] > MAX_TIMEOUT_S
+    assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
+    # No result backend, so no second visibility timeout to keep in step.
+    assert conf["result_backend"] is None
+
+
+def test_visibility_timeout__configurable_from_environment(monkeypatch):
+    """Operators (and the short-timeout test below) set it with CELERY_VISIBILITY_TIMEOUT_S;
+    celery_config already honours app.config["CELERY_VISIBILITY_TIMEOUT_S"]."""
+    from shared.config import Config
+    from worker_service.celery_app import celery_config
+
+    monkeypatch.setenv("CELERY_VISIBILITY_TIMEOUT_S", "7")
+    conf = celery_config(Config().as_dict())
+    assert conf["broker_transport_options"]["visibility_timeout"] == 7
+
+
+def test_countdown_task_with_short_visibility_timeout__delivered_once(
+        app, api, database_url, workers, celery_client):
+    """Visibility timeout 6 s (kombu restores unacked messages every second). A countdown
+    shorter than that arrives once. The control - a countdown longer than the visibility
+    timeout - shows the duplicate this test would catch, and that the refund still happens
+    only once because the task is idempotent.
+
+    The app does not read the visibility timeout from the environment, so the worker runs
+    ``tests.worker_support:celery_for_tests``: the project's app with
+    ``app.config["CELERY_VISIBILITY_TIMEOUT_S"]`` set, the knob celery_config reads.
+    """
+    _postgres_only(database_url)
+    visibility = 6
+    worker = workers.start(app_spec="tests.worker_support:celery_for_tests",
+                           TXMON_TEST_VISIBILITY_TIMEOUT_S=visibility)
+
+    api.account("vt-user", 1000)
+    r = api.purchase("vt-user", 300, vid="vt-long", timeout_seconds=10)  # 10 s > 6 s
+    assert r.status_code == 201, r.get_json()
+    short = celery_client.send_task("txmon.refunds.expire_verification",
+                                    kwargs={"verification_id": "vt-absent"}, countdown=2)
+    sent_at = time.monotonic()
+
+    def received(task_id=None) -> dict:
+        got = worker.received("txmon.refunds.expire_verification")
+        return got if task_id is None else got.get(task_id, 0)
+
+    wait_until(lambda: worker.lines(rf"expire_verification\[{short.id}\] succeeded"),
+               timeout=30, message="the short countdown task ran")
+    # Past the visibility timeout plus a few restore sweeps: a redelivery would be here.
+    wait_until(lambda: time.monotonic() - sent_at > visibility + 4, timeout=30)
+    assert received(short.id) == 1
+
+    # Control: the long countdown outlived the visibility timeout.
+    wait_until(lambda: scalar(app, "SELECT status FROM verifications WHERE id = 'vt-long'")
+               == "timed_out", timeout=40, message="vt-long refunded")
+    long_ids = [t for t in received() if t != short.id]
+    assert len(long_ids) == 1
+    wait_until(lambda: received(long_ids[0]) >= 2, timeout=20,
+               message="the long countdown redelivered after the visibility timeout")
+    wait_until(lambda: len(worker.lines(rf"expire_verification\[{long_ids[0]}\] succeeded")) >= 2,
+               timeout=30, message="both deliveries ran")
+    assert len(rows(app, "SELECT id FROM transactions WHERE verification_id = 'vt-long' "
+                         "AND type = 'verification_refund'")) == 1
+    assert invariant_violations(app) == []
