@@ -37,7 +37,11 @@ def init_app(app: Flask) -> None:
             return error_response(429, "rate_limited", "Too many requests; slow down.",
                                   {"limit": str(getattr(exc, "description", ""))})
         code = HTTP_CODES.get(exc.code, "error")
-        return error_response(exc.code, code, exc.description or exc.name)
+        response = error_response(exc.code, code, exc.description or exc.name)
+        for name, value in exc.get_headers():  # e.g. Allow on 405
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
 
     @app.errorhandler(OperationalError)
     def _db_down(exc: OperationalError):

@@ -1,11 +1,12 @@
 """Request and response schemas. The same classes validate requests and build /openapi.json."""
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Literal, Optional
 
-from pydantic import (AwareDatetime, BaseModel, ConfigDict, EmailStr, Field, StrictBool,
-                      StrictInt, StrictStr, StringConstraints, field_validator)
+from pydantic import (AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field,
+                      StrictBool, StrictInt, StrictStr, StringConstraints, field_validator)
 
 MAX_CENTS = 1_000_000_000
 
@@ -14,8 +15,21 @@ Id = Annotated[StrictStr, StringConstraints(min_length=1, max_length=64,
 PositiveCents = Annotated[StrictInt, Field(gt=0, le=MAX_CENTS)]
 NonNegativeCents = Annotated[StrictInt, Field(ge=0, le=MAX_CENTS)]
 SignedCents = Annotated[StrictInt, Field(ge=-MAX_CENTS, le=MAX_CENTS)]
-Text = Annotated[StrictStr, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
-Name = Annotated[StrictStr, StringConstraints(min_length=1, max_length=64, strip_whitespace=True)]
+NO_NUL = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL; reject it as bad input
+Text = Annotated[StrictStr, StringConstraints(min_length=1, max_length=200, strip_whitespace=True,
+                                              pattern=NO_NUL)]
+Name = Annotated[StrictStr, StringConstraints(min_length=1, max_length=64, strip_whitespace=True,
+                                              pattern=NO_NUL)]
+
+
+def _iso_datetime(value):
+    """Query dates are ISO 8601 text only (pydantic would also take Unix timestamps)."""
+    if isinstance(value, str) and not re.match(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}", value):
+        raise ValueError("must be an ISO 8601 date-time with a UTC offset")
+    return value
+
+
+IsoDateTime = Annotated[AwareDatetime, BeforeValidator(_iso_datetime)]
 Limit = Annotated[int, Field(ge=1, le=200)]
 TransactionType = Literal["credit", "sms_purchase", "verification_refund", "adjustment"]
 
@@ -35,8 +49,12 @@ class Query(BaseModel):
 # -- service API ---------------------------------------------------------------------------
 
 class AccountIn(Body):
-    email: Optional[EmailStr] = Field(None, max_length=254)
-    display_name: Optional[Annotated[StrictStr, StringConstraints(max_length=100)]] = None
+    # A light check (one @, no spaces): the main app owns address verification, and
+    # addresses like admin@localhost are legitimate on a private deployment.
+    email: Optional[Annotated[StrictStr, StringConstraints(
+        max_length=254, pattern=r"^[^@ \t\r\n\x00]+@[^@ \t\r\n\x00]+$")]] = None
+    display_name: Optional[Annotated[StrictStr, StringConstraints(max_length=100,
+                                                                  pattern=NO_NUL)]] = None
     low_balance_threshold_cents: Optional[NonNegativeCents] = None
 
 
@@ -47,7 +65,8 @@ class CreditIn(Body):
 
 
 class AdjustmentIn(Body):
-    amount_cents: Annotated[SignedCents, Field(description="Signed, non-zero")]
+    amount_cents: Annotated[SignedCents, Field(description="Signed, non-zero",
+                                               json_schema_extra={"not": {"const": 0}})]
     reason: Text
     idempotency_key: Id
 
@@ -81,15 +100,15 @@ class PageQuery(Query):
 
 class DetailedQuery(PageQuery):
     type: Optional[TransactionType] = None
-    start_date: Optional[AwareDatetime] = None
-    end_date: Optional[AwareDatetime] = None
+    start_date: Optional[IsoDateTime] = None
+    end_date: Optional[IsoDateTime] = None
     cursor: Optional[Annotated[str, StringConstraints(pattern=r"^[0-9]{1,18}$")]] = None
 
 
 class ExportQuery(Query):
     type: Optional[TransactionType] = None
-    start_date: Optional[AwareDatetime] = None
-    end_date: Optional[AwareDatetime] = None
+    start_date: Optional[IsoDateTime] = None
+    end_date: Optional[IsoDateTime] = None
 
 
 class NotificationQuery(Query):
@@ -118,7 +137,7 @@ class AlertQuery(Query):
 
 
 class AcknowledgeIn(Body):
-    note: Optional[Annotated[StrictStr, StringConstraints(max_length=500)]] = None
+    note: Optional[Annotated[StrictStr, StringConstraints(max_length=500, pattern=NO_NUL)]] = None
 
 
 # -- responses (documentation; handlers build plain dicts of the same shape) ---------------
