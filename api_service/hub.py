@@ -116,12 +116,13 @@ class Hub:
                                               socket_keepalive=True, health_check_interval=10)
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
                 pubsub.psubscribe(PATTERN)
+                pubsub.get_message(timeout=2.0)  # the psubscribe reply: now it is live
                 self.subscriptions += 1
                 self.connected.set()
-                if self.subscriptions > 1:
-                    log.info("Realtime subscription restored; resyncing sockets")
-                    for sub in self._everyone():
-                        sub.wake(("resync", None))
+                # Whatever was published before this moment never reached us: every socket
+                # that synced under an older subscription takes a fresh snapshot.
+                for sub in self._everyone():
+                    sub.wake(("resync", self.subscriptions))
                 delay = 0.1
                 while True:
                     msg = pubsub.get_message(timeout=5.0)

@@ -83,6 +83,32 @@ def _force_close_later(ws, grace_s: float = 2.0):
     return arm
 
 
+class _SendAll:
+    """The connection socket with ``send`` doing ``sendall``.
+
+    simple-websocket writes each frame with one ``sock.send``; under gevent (and in
+    principle anywhere) that may write part of a frame, and the next frame would follow the
+    cut one. Every frame must go out whole, and one frame at a time.
+    """
+
+    def __init__(self, sock):
+        self._sock = sock
+        self._lock = threading.Lock()  # the library's own thread answers pings too
+
+    def send(self, data) -> int:
+        with self._lock:
+            self._sock.sendall(data)
+        return len(data)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+def _whole_frames(ws) -> None:
+    if not isinstance(ws.sock, _SendAll):
+        ws.sock = _SendAll(ws.sock)
+
+
 def _reader(ws, sub: Subscriber) -> None:
     """Answer text pings and notice the client leaving (runs beside the sender loop)."""
     try:
@@ -99,15 +125,23 @@ def _reader(ws, sub: Subscriber) -> None:
 class UserStream:
     """What one user's socket has been sent, so every seq goes out once and in order."""
 
-    def __init__(self, ws, user_id: str):
-        self.ws, self.user_id = ws, user_id
+    def __init__(self, ws, user_id: str, hub):
+        self.ws, self.user_id, self.hub = ws, user_id, hub
         self.last_seq: int | None = None
+        self.synced_under = -1  # the hub subscription the last snapshot was taken under
 
     def send(self, message: dict) -> None:
         self.ws.send(json.dumps(message))
 
+    def resync(self, subscription: int) -> None:
+        """After the hub (re)subscribed: a fresh snapshot unless ours is already newer."""
+        if subscription > self.synced_under:
+            self.sync(self.last_seq)
+
     def sync(self, since_seq: int | None) -> None:
         """Send a snapshot, then every transaction after ``since_seq`` up to it."""
+        # Read the generation first: a subscription made after this point resyncs us again.
+        self.synced_under = self.hub.subscriptions if self.hub.connected.is_set() else -1
         with db.engine.connect() as conn:
             row = conn.execute(select(Account.balance_cents, Account.last_seq)
                                .where(Account.user_id == self.user_id)).first()
@@ -146,7 +180,6 @@ def _pump(ws, sub: Subscriber, on_message, on_resync) -> None:
     while True:
         kind, payload = sub.queue.get()
         if sub.slow:
-            WS_CLOSED_SLOW.inc()
             _close(ws, TRY_AGAIN_LATER, "too slow; reconnect with since_seq")
             return
         if kind == "closed":
@@ -154,7 +187,7 @@ def _pump(ws, sub: Subscriber, on_message, on_resync) -> None:
         if kind == "pong":
             ws.send("pong")
         elif kind == "resync":
-            on_resync()
+            on_resync(payload)
         else:
             on_message(payload)
 
@@ -172,6 +205,7 @@ def _parse_since(ws) -> tuple[bool, int | None]:
 @sock.route("/ws/balance")
 def balance_socket(ws):
     """A user's live balance (see module docstring)."""
+    _whole_frames(ws)
     ok, since = _parse_since(ws)
     principal = _authenticate(ws, "user") if ok else None
     if principal is None:
@@ -182,19 +216,19 @@ def balance_socket(ws):
     hub.add(sub)
     WS_OPEN.inc()
     try:
-        stream = UserStream(ws, principal.user_id)
+        stream = UserStream(ws, principal.user_id, hub)
         stream.sync(since)
-        _pump(ws, sub, stream.deliver, lambda: stream.sync(stream.last_seq))
+        _pump(ws, sub, stream.deliver, stream.resync)
     except (ConnectionClosed, OSError):
         pass
     finally:
-        hub.remove(sub)
-        WS_OPEN.dec()
+        _closed(hub, sub)
 
 
 @sock.route("/ws/admin")
 def admin_socket(ws):
     """Every transaction and alert, for admins."""
+    _whole_frames(ws)
     principal = _authenticate(ws, "admin")
     if principal is None:
         return
@@ -206,9 +240,15 @@ def admin_socket(ws):
     try:
         ws.send(json.dumps({"type": "hello", "role": "admin"}))
         _pump(ws, sub, lambda m: ws.send(json.dumps(m)),
-              lambda: ws.send(json.dumps({"type": "resync"})))
+              lambda _gen: ws.send(json.dumps({"type": "resync"})))
     except (ConnectionClosed, OSError):
         pass
     finally:
-        hub.remove(sub)
-        WS_OPEN.dec()
+        _closed(hub, sub)
+
+
+def _closed(hub, sub: Subscriber) -> None:
+    hub.remove(sub)
+    WS_OPEN.dec()
+    if sub.slow:
+        WS_CLOSED_SLOW.inc()

@@ -24,8 +24,12 @@ VISIBILITY_TIMEOUT_S = 86400 + 3600
 def celery_config(flask_config: dict) -> dict:
     """Celery settings derived from the Flask app's configuration."""
     visibility = int(flask_config.get("CELERY_VISIBILITY_TIMEOUT_S", VISIBILITY_TIMEOUT_S))
+    broker = flask_config.get("CELERY_BROKER_URL") or flask_config["REDIS_URL"]
     return {
-        "broker_url": flask_config.get("CELERY_BROKER_URL") or flask_config["REDIS_URL"],
+        "broker_url": broker,
+        # Redis brokers use kombu's transport with a restore fix (worker_service/broker.py).
+        "broker_transport": ("worker_service.broker:Transport"
+                             if broker.startswith(("redis://", "rediss://")) else None),
         "broker_transport_options": {"visibility_timeout": visibility},
         "broker_connection_retry_on_startup": True,
         "result_backend": None,
