@@ -142,19 +142,22 @@ class UserStream:
         """Send a snapshot, then every transaction after ``since_seq`` up to it."""
         # Read the generation first: a subscription made after this point resyncs us again.
         self.synced_under = self.hub.subscriptions if self.hub.connected.is_set() else -1
-        with db.engine.connect() as conn:
-            row = conn.execute(select(Account.balance_cents, Account.last_seq)
-                               .where(Account.user_id == self.user_id)).first()
+        with db.engine.connect() as conn:  # read, release, then send: a slow client
+            row = conn.execute(select(Account.balance_cents, Account.last_seq)  # must not
+                               .where(Account.user_id == self.user_id)).first()  # hold it
             balance, seq = (row.balance_cents, row.last_seq) if row else (0, 0)
-            self.send({"type": "snapshot", "balance_cents": balance, "seq": seq})
-            if since_seq is not None and since_seq < seq:
-                self._replay(conn, since_seq, seq)
+            missed = (self._rows(conn, since_seq, seq)
+                      if since_seq is not None and since_seq < seq else [])
+        self.send({"type": "snapshot", "balance_cents": balance, "seq": seq})
+        self._send_rows(missed)
         self.last_seq = seq
 
-    def _replay(self, conn, after: int, upto: int) -> None:
-        rows = conn.execute(select(Transaction.__table__).where(
+    def _rows(self, conn, after: int, upto: int) -> list:
+        return conn.execute(select(Transaction.__table__).where(
             Transaction.user_id == self.user_id, Transaction.seq > after,
             Transaction.seq <= upto).order_by(Transaction.seq)).all()
+
+    def _send_rows(self, rows) -> None:
         for tx in rows:
             data = serialize_transaction(tx)
             self.send(balance_update(data, data["created_at"]))
@@ -169,7 +172,8 @@ class UserStream:
             return  # already sent (replay, or gap fill)
         if seq > self.last_seq + 1:
             with db.engine.connect() as conn:
-                self._replay(conn, self.last_seq, seq - 1)
+                missed = self._rows(conn, self.last_seq, seq - 1)
+            self._send_rows(missed)
         self.send(message)
         self.last_seq = seq
 
