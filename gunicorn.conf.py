@@ -8,8 +8,11 @@ import tempfile
 
 bind = f"{os.environ.get('TXMON_BIND', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("TXMON_WEB_WORKERS", "4"))
-worker_class = os.environ.get("TXMON_WORKER_CLASS", "gthread")
-threads = int(os.environ.get("TXMON_WEB_THREADS", "4"))
+# gevent: one process holds thousands of idle websockets; psycopg 3 and redis-py are
+# cooperative once gunicorn's gevent worker has monkey-patched the standard library.
+worker_class = os.environ.get("TXMON_WORKER_CLASS", "gevent")
+worker_connections = int(os.environ.get("TXMON_WORKER_CONNECTIONS", "10000"))
+threads = int(os.environ.get("TXMON_WEB_THREADS", "4"))  # used by the gthread class only
 timeout = 30
 graceful_timeout = 10
 keepalive = 30
