@@ -94,7 +94,10 @@ def engine_options(url: str) -> dict:
     """Pool settings per database: a real pool on Postgres, a long busy wait on SQLite."""
     if url.startswith("sqlite"):
         return {"connect_args": {"timeout": 30, "check_same_thread": False}}
-    return {"pool_size": _int_env("TXMON_DB_POOL_SIZE", 10), "max_overflow": 20,
+    # Per process. Under gevent the pool is what bounds concurrent sessions: requests wait
+    # for a connection (pool_timeout) instead of pushing Postgres past max_connections.
+    return {"pool_size": _int_env("TXMON_DB_POOL_SIZE", 8),
+            "max_overflow": _int_env("TXMON_DB_MAX_OVERFLOW", 4), "pool_timeout": 20,
             "pool_pre_ping": False, "pool_recycle": 1800}
 
 

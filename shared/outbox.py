@@ -45,7 +45,9 @@ def write(conn, rows: list[dict]) -> None:
         conn.execute(insert(outbox_table), rows)
 
 
-def claim_and_dispatch(send, *, limit: int = 500, lease_s: int | None = None) -> int:
+def claim_and_dispatch(send, *, limit: int = 500, lease_s: int | None = None,
+                       only: tuple[str, ...] | None = None,
+                       skip: tuple[str, ...] | None = None) -> int:
     """Send due, undispatched rows with ``send(task, kwargs, eta)`` and mark them dispatched.
 
     ``kwargs`` is the row's payload plus ``outbox_id``: the task marks the row completed
@@ -56,6 +58,9 @@ def claim_and_dispatch(send, *, limit: int = 500, lease_s: int | None = None) ->
     (and after their last dispatch) are sent again: the broker can lose a message a worker
     had taken (a Redis outage while it was prefetched or waiting for its ETA); tasks are
     idempotent, so sending again is safe.
+
+    ``only`` / ``skip`` restrict the pass to some task names (the relay runs balance
+    updates on a loop of their own, so they never wait behind task dispatches).
 
     Rows are claimed with FOR UPDATE SKIP LOCKED on Postgres, so any number of relays can
     run at once without sending a row twice; on SQLite the write lock serializes relays.
@@ -75,6 +80,10 @@ def claim_and_dispatch(send, *, limit: int = 500, lease_s: int | None = None) ->
         stale = now - timedelta(seconds=lease_s)
         wanted = or_(wanted, and_(o.completed_at.is_(None), o.available_at < stale,
                                   o.dispatched_at < stale, o.attempts < MAX_ATTEMPTS))
+    if only:
+        wanted = and_(wanted, o.task.in_(only))
+    if skip:
+        wanted = and_(wanted, o.task.not_in(skip))
     with db.engine.begin() as conn:
         q = (select(o.id, o.task, o.payload, o.available_at, o.attempts)
              .where(wanted).order_by(o.id).limit(limit))
@@ -82,8 +91,7 @@ def claim_and_dispatch(send, *, limit: int = 500, lease_s: int | None = None) ->
             q = q.with_for_update(skip_locked=True)
         rows = conn.execute(q).all()
         done = []
-        # Balance updates first: they are what a user is watching on the websocket.
-        for row in sorted(rows, key=lambda r: r.task != PUBLISH_BALANCE):
+        for row in rows:
             if row.attempts:
                 log.warning("Outbox row %s (%s) sent again: not completed in time",
                             row.id, row.task)
