@@ -306,8 +306,9 @@ def refund_verification(*, verification_id: str, status: str,
         except (_LostRace, IntegrityError):
             pass
         else:
+            ended = dict(ver._mapping, status=status, refund_transaction_id=values["id"])
             movement = Movement(values, values["balance_after_cents"], True,
-                                verification=get_verification(verification_id=verification_id))
+                                verification=serialize_verification(_Row(ended)))
             latency_from = ver.expires_at if status == "timed_out" else now
             _observe_refund_latency(latency_from)
             if status == "timed_out":
