@@ -1,6 +1,6 @@
 """Write-path benchmark: the API's POST /api/v1/verifications against the database's own rate.
 
-One run (``scripts/bench_write``, about 3 minutes with the defaults):
+One run (``scripts/bench_write``, about 4 minutes with the defaults):
 
 1. creates a fresh database (``txmon_bench``), migrates it with ``flask db upgrade`` and seeds
    1,000 accounts (user ids 1000001..1001000) plus one hot account (2000000), each with a big
