@@ -88,3 +88,14 @@ def invariant_violations(app) -> list[str]:
             if bad:
                 problems.append(f"{name}: {[r[0] for r in bad][:10]}")
     return problems
+
+
+def assert_error(r, status: int, code: str) -> dict:
+    """The contract's error body: {"error": {"code", "message", "details"}}."""
+    assert r.status_code == status, r.get_json()
+    body = r.get_json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}
+    assert body["error"]["code"] == code and body["error"]["message"]
+    if status == 422:
+        assert body["error"]["details"]["fields"]
+    return body["error"]

@@ -4,6 +4,8 @@ import re
 from datetime import datetime, timedelta, timezone
 
 import pytest
+
+from tests.helpers import assert_error
 from sqlalchemy import text, update
 
 pytestmark = pytest.mark.smoke
@@ -13,17 +15,6 @@ ALERT_KEYS = {"id", "user_id", "rule", "transaction_id", "details", "status", "c
 MONITOR_KEYS = {"window_minutes", "total_transactions", "credits_added_cents",
                 "credits_spent_cents", "refunds_issued_cents", "unique_users", "by_type",
                 "recent_transactions"}
-
-
-def assert_error(r, status: int, code: str) -> dict:
-    """The contract's error body: {"error": {"code", "message", "details"}}."""
-    assert r.status_code == status, r.get_json()
-    body = r.get_json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}
-    assert body["error"]["code"] == code and body["error"]["message"]
-    if status == 422:
-        assert body["error"]["details"]["fields"]
-    return body["error"]
 
 
 def monitor(api, **query):

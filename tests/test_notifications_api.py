@@ -2,7 +2,7 @@
 in-app notification per transaction, the inbox, read state, low balance, preferences."""
 import pytest
 
-from tests.helpers import invariant_violations
+from tests.helpers import assert_error, invariant_violations
 
 pytestmark = pytest.mark.smoke
 
@@ -12,17 +12,6 @@ DEFAULT_PREFERENCES = {"email_on_credit": True, "email_on_debit": True,
                        "email_on_refund": True, "push_on_credit": True,
                        "push_on_debit": False, "push_on_refund": True,
                        "min_amount_notify_cents": 0}
-
-
-def assert_error(r, status: int, code: str) -> dict:
-    """The contract's error body: {"error": {"code", "message", "details"}}."""
-    assert r.status_code == status, r.get_json()
-    body = r.get_json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}
-    assert body["error"]["code"] == code and body["error"]["message"]
-    if status == 422:
-        assert body["error"]["details"]["fields"]
-    return body["error"]
 
 
 def inbox(api, uid="u1", **query) -> dict:

@@ -6,22 +6,13 @@ from datetime import datetime
 
 import pytest
 
+from tests.helpers import assert_error
+
 pytestmark = pytest.mark.smoke
 
 TX_KEYS = {"id", "seq", "user_id", "amount_cents", "type", "status", "description", "service",
            "verification_id", "reference", "balance_after_cents", "created_at"}
 TYPES = ("credit", "sms_purchase", "verification_refund", "adjustment")
-
-
-def assert_error(r, status: int, code: str) -> dict:
-    """The contract's error body: {"error": {"code", "message", "details"}}."""
-    assert r.status_code == status, r.get_json()
-    body = r.get_json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}
-    assert body["error"]["code"] == code and body["error"]["message"]
-    if status == 422:
-        assert body["error"]["details"]["fields"]
-    return body["error"]
 
 
 def history(api, uid: str) -> list[dict]:
