@@ -1,11 +1,14 @@
 """The SQLAlchemy handle both services bind to their Flask app, and dialect tweaks."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from datetime import datetime, timezone
+from functools import lru_cache
 
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import DateTime, MetaData, event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.types import TypeDecorator
 
@@ -73,3 +76,56 @@ def _sqlite_begin(conn):
 def is_postgres(conn_or_engine) -> bool:
     """True when the connection or engine talks to PostgreSQL."""
     return conn_or_engine.dialect.name == "postgresql"
+
+
+class RawSql:
+    """Fixed SQL on the DBAPI connection beneath a SQLAlchemy ``Connection``: the hot path.
+
+    The ledger's statements never change shape, so building them as SQLAlchemy Core on every
+    call cost more CPU than the database spent running them. Here they are plain text run on
+    the driver's cursor (psycopg prepares a statement after a few uses). The text is written
+    with ``%s`` placeholders; on SQLite they become ``?`` and aware datetimes become the
+    naive-UTC text UTCDateTime stores, so both databases read the same rows back. A DBAPI
+    IntegrityError is raised as SQLAlchemy's, as if the statement had gone through Core.
+    """
+
+    def __init__(self, conn):
+        self.sqlite = conn.dialect.name == "sqlite"
+        self._integrity_error = conn.dialect.loaded_dbapi.IntegrityError
+        self._dbapi_conn = conn.connection.dbapi_connection
+        self._cur = self._dbapi_conn.cursor()
+
+    def execute(self, sql: str, params=()):
+        """Run ``sql``; returns the DBAPI cursor (fetchone/fetchall)."""
+        if self.sqlite:
+            sql, params = _qmark(sql), [_sqlite_param(p) for p in params]
+        try:
+            self._cur.execute(sql, params)
+        except self._integrity_error as exc:
+            raise IntegrityError(sql, params, exc) from exc
+        return self._cur
+
+    @contextmanager
+    def pipeline(self):
+        """Statements whose results are not needed go in one round trip (Postgres)."""
+        if self.sqlite:
+            yield
+            return
+        try:
+            with self._dbapi_conn.pipeline():
+                yield
+        except self._integrity_error as exc:
+            raise IntegrityError("(pipeline)", None, exc) from exc
+
+
+@lru_cache(maxsize=64)
+def _qmark(sql: str) -> str:
+    return sql.replace("%s", "?")
+
+
+def _sqlite_param(value):
+    if isinstance(value, datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(timezone.utc).replace(tzinfo=None)
+        return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+    return value

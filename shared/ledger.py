@@ -9,8 +9,10 @@ Every movement is one database transaction that
   4. writes the outbox rows for what the workers do next.
 Nothing else in txmon changes a balance. See models.py for the invariants the database holds.
 
-Statements are SQLAlchemy Core on a raw connection: the purchase path is the hot path and
-runs as few round trips as the contract allows (UPDATE ... RETURNING, then three INSERTs).
+The movement itself is fixed SQL on the driver's cursor (shared.db.RawSql): the purchase is the
+hot path, and building Core statements per call cost more CPU than Postgres spent running
+them. Round trips while the account row is locked: the UPDATE ... RETURNING, the transaction
+INSERT, the notification INSERT, one pipeline (outbox rows, verification), the COMMIT.
 """
 from __future__ import annotations
 
@@ -18,11 +20,11 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from shared import notifications, outbox, realtime
-from shared.db import db, utcnow
+from shared.db import RawSql, db, utcnow
 from shared.errors import IdempotencyMismatch, InsufficientFunds, InvalidState, NotFound
 from shared.metrics import REFUND_LATENCY, TRANSACTIONS
 from shared.models import Account, Transaction, Verification
@@ -72,22 +74,34 @@ def serialize_verification(row) -> dict:
             "refund_transaction_id": row.refund_transaction_id}
 
 
-def _post(conn, *, user_id: str, amount_cents: int, tx: dict, notification: dict,
-          now: datetime, require_funds: bool = False, extra_outbox=()) -> tuple[dict, int]:
+_UPDATE = ("UPDATE accounts SET balance_cents = balance_cents + %s, last_seq = last_seq + 1,"
+           " updated_at = %s WHERE user_id = %s{funds}"
+           " RETURNING balance_cents, last_seq, low_balance_threshold_cents")
+_UPDATE_ANY = _UPDATE.format(funds="")
+_UPDATE_FUNDED = _UPDATE.format(funds=" AND balance_cents >= %s")
+_INSERT_TX = ("INSERT INTO transactions (user_id, seq, amount_cents, balance_after_cents, type,"
+              " status, description, service, verification_id, reference, created_at)"
+              " VALUES (%s, %s, %s, %s, %s, 'completed', %s, %s, %s, %s, %s) RETURNING id")
+_INSERT_VERIFICATION = (
+    "INSERT INTO verifications (id, user_id, service_name, country, cost_cents, timeout_seconds,"
+    " status, created_at, expires_at, updated_at, charge_transaction_id)"
+    " VALUES (%s, %s, %s, %s, %s, %s, 'pending', %s, %s, %s, %s)")
+
+
+def _post(conn, *, user_id: str, amount_cents: int, tx: dict, notification, now: datetime,
+          require_funds: bool = False, extra_outbox=(), then=None) -> tuple[dict, int]:
     """Move ``amount_cents`` on the account inside ``conn``'s transaction.
 
-    Returns (transaction dict, notification id). Raises NotFound / InsufficientFunds with
-    nothing written (the caller's transaction rolls back).
+    Fixed SQL on the driver's cursor (shared.db.RawSql): UPDATE ... RETURNING, the
+    transaction and notification INSERTs, then the outbox rows and ``then(sql, tx)`` (the
+    caller's own statement) in one pipeline. Returns (transaction dict, notification id).
+    Raises NotFound / InsufficientFunds with nothing written (the caller rolls back).
     """
-    stmt = update(accounts).where(accounts.c.user_id == user_id)
+    sql = RawSql(conn)
     if require_funds:
-        stmt = stmt.where(accounts.c.balance_cents >= -amount_cents)
-    row = conn.execute(
-        stmt.values(balance_cents=accounts.c.balance_cents + amount_cents,
-                    last_seq=accounts.c.last_seq + 1, updated_at=now)
-        .returning(accounts.c.balance_cents, accounts.c.last_seq,
-                   accounts.c.low_balance_threshold_cents)
-    ).first()
+        row = sql.execute(_UPDATE_FUNDED, (amount_cents, now, user_id, -amount_cents)).fetchone()
+    else:
+        row = sql.execute(_UPDATE_ANY, (amount_cents, now, user_id)).fetchone()
     if row is None:
         balance = conn.execute(select(accounts.c.balance_cents)
                                .where(accounts.c.user_id == user_id)).scalar()
@@ -98,10 +112,10 @@ def _post(conn, *, user_id: str, amount_cents: int, tx: dict, notification: dict
     balance, seq, threshold = row
     values = dict(tx, user_id=user_id, seq=seq, amount_cents=amount_cents, status="completed",
                   balance_after_cents=balance, created_at=now)
-    values["id"] = conn.execute(insert(transactions).returning(transactions.c.id),
-                                values).scalar_one()
-    content = notification(balance)
-    note_id = notifications.insert_notification(conn, user_id=user_id, content=content,
+    values["id"] = sql.execute(_INSERT_TX, (
+        user_id, seq, amount_cents, balance, tx["type"], tx["description"], tx["service"],
+        tx["verification_id"], tx["reference"], now)).fetchone()[0]
+    note_id = notifications.insert_notification(sql, user_id=user_id, content=notification(balance),
                                                 now=now, transaction_id=values["id"])
     data = serialize_transaction(_Row(values))
     rows = outbox.notification_messages(note_id, user_id, now)
@@ -113,11 +127,14 @@ def _post(conn, *, user_id: str, amount_cents: int, tx: dict, notification: dict
         old = balance - amount_cents
         if old >= threshold > balance:
             low_id = notifications.insert_notification(
-                conn, user_id=user_id, now=now,
+                sql, user_id=user_id, now=now,
                 content=notifications.for_low_balance(balance, threshold))
             rows.extend(outbox.notification_messages(low_id, user_id, now))
     rows.extend(extra_outbox)
-    outbox.write(conn, rows)
+    with sql.pipeline():
+        outbox.write(sql, rows)
+        if then is not None:
+            then(sql, values)
     return data, note_id
 
 
@@ -207,16 +224,21 @@ def charge_verification(*, verification_id: str, user_id: str, service_name: str
            "country": country, "cost_cents": cost_cents, "timeout_seconds": timeout_seconds,
            "status": "pending", "created_at": now, "expires_at": expires_at, "updated_at": now,
            "refund_transaction_id": None}
+
+    def insert_verification(sql, charge: dict) -> None:
+        ver["charge_transaction_id"] = charge["id"]
+        sql.execute(_INSERT_VERIFICATION, (
+            verification_id, user_id, service_name, country, cost_cents, timeout_seconds, now,
+            expires_at, now, charge["id"]))
+
     expire = outbox.message(outbox.EXPIRE_VERIFICATION, user_id, now, available_at=expires_at,
                             verification_id=verification_id)
     try:
         with _engine().begin() as conn:
             values, _ = _post(conn, user_id=user_id, amount_cents=-cost_cents, tx=tx, now=now,
-                              require_funds=True, extra_outbox=[expire],
+                              require_funds=True, extra_outbox=[expire], then=insert_verification,
                               notification=lambda bal: notifications.for_purchase(
                                   cost_cents, bal, service_name, verification_id))
-            ver["charge_transaction_id"] = values["id"]
-            conn.execute(insert(verifications), ver)
     except (IntegrityError, InsufficientFunds, NotFound) as exc:
         replay = _purchase_replay(verification_id, user_id=user_id, service_name=service_name,
                                   country=country, cost_cents=cost_cents,

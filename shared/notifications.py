@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from shared.db import db, utcnow
@@ -65,13 +65,17 @@ def for_low_balance(balance_cents: int, threshold_cents: int) -> dict:
             "link": "/wallet", "icon": "warning", "amount_cents": balance_cents}
 
 
-def insert_notification(conn, *, user_id: str, content: dict, now: datetime,
+_INSERT = ("INSERT INTO notifications (user_id, type, title, message, link, icon, amount_cents,"
+           " transaction_id, read, email_status, created_at)"
+           " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 'pending', %s) RETURNING id")
+
+
+def insert_notification(sql, *, user_id: str, content: dict, now: datetime,
                         transaction_id: int | None = None) -> int:
-    """Write one in-app notification on ``conn``; returns its id."""
-    row = dict(content, user_id=user_id, transaction_id=transaction_id, read=False,
-               email_status="pending", created_at=now)
-    return conn.execute(insert(notifications_table).returning(notifications_table.c.id),
-                        row).scalar_one()
+    """Write one in-app notification with ``sql`` (a shared.db.RawSql); returns its id."""
+    return sql.execute(_INSERT, (user_id, content["type"], content["title"], content["message"],
+                                 content["link"], content["icon"], content["amount_cents"],
+                                 transaction_id, False, now)).fetchone()[0]
 
 
 def serialize(n: Notification) -> dict:

@@ -6,15 +6,16 @@ commit and the enqueue loses nothing.
 """
 from __future__ import annotations
 
+import json
 import logging
 from datetime import datetime
 
-from sqlalchemy import insert
-
+from shared.db import RawSql
 from shared.models import OutboxMessage
 
-DELIVER_PUSH = "txmon.notifications.deliver"
-SEND_EMAIL = "txmon.email.send_notification"
+DELIVER = "txmon.notifications.deliver_all"  # push and email of one notification
+DELIVER_PUSH = "txmon.notifications.deliver"  # push only: rows written before DELIVER
+SEND_EMAIL = "txmon.email.send_notification"  # email only: idem, and DELIVER's email retries
 CHECK_ALERTS = "txmon.alerts.check_transaction"
 PUBLISH_BALANCE = "txmon.realtime.publish_balance"
 EXPIRE_VERIFICATION = "txmon.refunds.expire_verification"
@@ -34,15 +35,28 @@ def message(task: str, user_id: str | None, now: datetime, *, available_at: date
 
 
 def notification_messages(notification_id: int, user_id: str, now: datetime) -> list[dict]:
-    """The delivery work every notification needs: push to the user, then email."""
-    return [message(DELIVER_PUSH, user_id, now, notification_id=notification_id),
-            message(SEND_EMAIL, user_id, now, notification_id=notification_id)]
+    """The delivery work every notification needs: push to the user, then email (one row,
+    one task: see worker_service/tasks/notifications.py ``deliver_all``)."""
+    return [message(DELIVER, user_id, now, notification_id=notification_id)]
 
 
 def write(conn, rows: list[dict]) -> None:
-    """Insert outbox rows on ``conn`` (inside the caller's transaction)."""
-    if rows:
-        conn.execute(insert(outbox_table), rows)
+    """Insert outbox rows in one statement on ``conn`` (inside the caller's transaction).
+
+    ``conn`` is a SQLAlchemy Connection or, on the ledger's hot path, a shared.db.RawSql.
+    """
+    if not rows:
+        return
+    sql = conn if isinstance(conn, RawSql) else RawSql(conn)
+    params = []
+    for r in rows:
+        params += (r["user_id"], r["task"], json.dumps(r["payload"]), r["available_at"],
+                   r["created_at"], r["attempts"])
+    sql.execute(_INSERT + ", ".join([_ROW] * len(rows)), params)
+
+
+_INSERT = "INSERT INTO outbox (user_id, task, payload, available_at, created_at, attempts) VALUES "
+_ROW = "(%s, %s, %s, %s, %s, %s)"
 
 
 def claim_and_dispatch(send, *, limit: int = 500, lease_s: int | None = None,
@@ -52,7 +66,9 @@ def claim_and_dispatch(send, *, limit: int = 500, lease_s: int | None = None,
 
     ``kwargs`` is the row's payload plus ``outbox_id``: the task marks the row completed
     when it has run (see worker_service/base.py). ``send`` returns True when it finished
-    the work itself (the row is completed at once).
+    the work itself (the row is completed at once). If ``send`` has a ``flush()`` method,
+    it is called after the last row, inside the claim's transaction (a sender that groups
+    rows sends its groups there; if that raises, the claim rolls back like any send).
 
     With ``lease_s``, rows dispatched but not completed by ``lease_s`` after they were due
     (and after their last dispatch) are sent again: the broker can lose a message a worker
@@ -98,6 +114,9 @@ def claim_and_dispatch(send, *, limit: int = 500, lease_s: int | None = None,
             eta = row.available_at if row.available_at > now else None
             if send(row.task, dict(row.payload, outbox_id=row.id), eta):
                 done.append(row.id)
+        flush = getattr(send, "flush", None)
+        if flush is not None:
+            flush()
         if rows:
             conn.execute(update(outbox_table).where(o.id.in_([r.id for r in rows]))
                          .values(dispatched_at=now, attempts=o.attempts + 1))
@@ -116,6 +135,31 @@ def mark_completed(outbox_id: int) -> None:
         conn.execute(update(outbox_table).where(outbox_table.c.id == outbox_id,
                                                 outbox_table.c.completed_at.is_(None))
                      .values(completed_at=utcnow()))
+
+
+def mark_completed_many(conn, outbox_ids: list[int]) -> None:
+    """``mark_completed`` for many rows, on ``conn`` (inside the caller's transaction)."""
+    from sqlalchemy import update
+
+    from shared.db import utcnow
+
+    if outbox_ids:
+        conn.execute(update(outbox_table).where(outbox_table.c.id.in_(outbox_ids),
+                                                outbox_table.c.completed_at.is_(None))
+                     .values(completed_at=utcnow()))
+
+
+def open_ids(outbox_ids: list[int]) -> set[int]:
+    """Those of ``outbox_ids`` whose rows exist and are not completed."""
+    from sqlalchemy import select
+
+    from shared.db import db
+
+    if not outbox_ids:
+        return set()
+    with db.engine.connect() as conn:
+        return set(conn.execute(select(outbox_table.c.id).where(
+            outbox_table.c.id.in_(outbox_ids), outbox_table.c.completed_at.is_(None))).scalars())
 
 
 def backlog() -> int:
