@@ -15,7 +15,8 @@ worker_connections = int(os.environ.get("TXMON_WORKER_CONNECTIONS", "10000"))
 threads = int(os.environ.get("TXMON_WEB_THREADS", "4"))  # used by the gthread class only
 timeout = 30
 graceful_timeout = 10
-keepalive = 30
+keepalive = int(os.environ.get("TXMON_KEEPALIVE", "30"))
+reuse_port = os.environ.get("TXMON_REUSE_PORT", "1") == "1"
 # Path without the query string: a ?token= must never reach a log line.
 access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms'
 accesslog = os.environ.get("TXMON_ACCESS_LOG", "-")

@@ -52,6 +52,10 @@ def create_app(test_config: dict | None = None) -> Flask:
     metrics.init_app(app)
     realtime_ws.sock.init_app(app)
     _register_cli(app)
+    if app.config["HTTP_CONCURRENCY"] > 0:
+        from api_service.admission import Admission
+
+        app.wsgi_app = Admission(app.wsgi_app, app.config["HTTP_CONCURRENCY"])
     return app
 
 

@@ -48,7 +48,7 @@ class Subscriber:
             return False
 
     def wake(self, item) -> None:
-        """Queue a control item (resync, closed, pong); if full, the slow flag already rules."""
+        """Queue a control item (resync, client input); if full, the slow flag already rules."""
         self.offer(item)
 
 

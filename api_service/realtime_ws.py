@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import socket
 import threading
 
@@ -33,6 +34,7 @@ log = logging.getLogger("txmon.ws")
 AUTH_TIMEOUT_S = 5
 POLICY_VIOLATION = 1008
 TRY_AGAIN_LATER = 1013
+LIVENESS_CHECK_S = 30
 
 
 def _authenticate(ws, role: str) -> Principal | None:
@@ -109,17 +111,35 @@ def _whole_frames(ws) -> None:
         ws.sock = _SendAll(ws.sock)
 
 
-def _reader(ws, sub: Subscriber) -> None:
-    """Answer text pings and notice the client leaving (runs beside the sender loop)."""
-    try:
-        while True:
-            data = ws.receive()
-            if data == "ping":
-                sub.wake(("pong", None))
-    except (ConnectionClosed, OSError):
-        pass
-    finally:
-        sub.wake(("closed", None))
+class _InputSignal(threading.Event):
+    """Stands in for the websocket's ``event``, which simple-websocket's own reader thread
+    sets when a message arrives or the connection ends: it also wakes the socket's pump.
+
+    The pump then waits on one queue for everything (hub messages, client input, closing),
+    so a socket costs no reader thread (a greenlet and its stack under gevent) of ours.
+    One wake-up stays queued at a time however fast the client sends.
+    """
+
+    def __init__(self, sub: Subscriber):
+        super().__init__()
+        self._sub = sub
+        self.pending = threading.Lock()
+
+    def set(self) -> None:
+        super().set()
+        if self.pending.acquire(blocking=False):
+            self._sub.wake(("input", None))
+
+
+def _answer_input(ws, signal: _InputSignal) -> bool:
+    """Answer every text ping received so far; False once the client has gone."""
+    signal.pending.release()
+    while True:
+        data = ws.receive(timeout=0)  # raises ConnectionClosed once closed and drained
+        if data is None:
+            return ws.connected
+        if data == "ping":
+            ws.send("pong")
 
 
 class UserStream:
@@ -180,16 +200,21 @@ class UserStream:
 
 def _pump(ws, sub: Subscriber, on_message, on_resync) -> None:
     """Drain the subscriber's queue to the socket until it closes or falls behind."""
-    threading.Thread(target=_reader, args=(ws, sub), daemon=True).start()
+    signal = ws.event = _InputSignal(sub)
+    signal.set()  # whatever arrived before the swap
     while True:
-        kind, payload = sub.queue.get()
+        try:
+            kind, payload = sub.queue.get(timeout=LIVENESS_CHECK_S)
+        except queue.Empty:  # a safety net: the library ends a connection between wake-ups
+            if not ws.connected:
+                return
+            continue
         if sub.slow:
             _close(ws, TRY_AGAIN_LATER, "too slow; reconnect with since_seq")
             return
-        if kind == "closed":
-            return
-        if kind == "pong":
-            ws.send("pong")
+        if kind == "input":
+            if not _answer_input(ws, signal):
+                return
         elif kind == "resync":
             on_resync(payload)
         else:

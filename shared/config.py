@@ -58,6 +58,9 @@ class Config:
         self.CELERY_PREFETCH = _int_env("CELERY_PREFETCH", 4)
         self.OUTBOX_LEASE_S = _int_env("TXMON_OUTBOX_LEASE_S", 600)
         self.WS_QUEUE_SIZE = _int_env("TXMON_WS_QUEUE_SIZE", 256)
+        # Plain HTTP requests running at once per API process; websockets are not counted
+        # (api_service/admission.py). 0: no limit.
+        self.HTTP_CONCURRENCY = _int_env("TXMON_HTTP_CONCURRENCY", 2)
         self.RATELIMIT_USER = env.get("TXMON_RATELIMIT_USER", "600/minute")
         self.RATELIMIT_STORAGE_URI = env.get("TXMON_RATELIMIT_STORAGE", self.REDIS_URL)
         self.RATELIMIT_IN_MEMORY_FALLBACK_ENABLED = True
@@ -113,3 +116,5 @@ class TestConfig(Config):
             self.SQLALCHEMY_DATABASE_URI = normalize_database_url(database_url)
             self.SQLALCHEMY_ENGINE_OPTIONS = engine_options(self.SQLALCHEMY_DATABASE_URI)
         self.RATELIMIT_STORAGE_URI = "memory://"
+        # The in-process concurrency tests want every thread's request in flight at once.
+        self.HTTP_CONCURRENCY = 0

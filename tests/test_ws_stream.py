@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from tests.ws_support import (Closed, Reader, Sockets, check_contiguous, check_update, compress,
-                              has_seq, running_stack, seqs, summarize, updates)
+                              has_seq, running_stack, seqs, summarize, updates, wait_until)
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +133,40 @@ def test_ping__answered_pong_and_stream_continues(stack, sockets):
     assert seqs(ws.collect(has_seq(2), timeout=15)) == [2]
     ws.send("ping")
     assert ws.recv_raw(5) == "pong"
+
+
+def test_ping_burst__every_ping_answered_in_order(stack, sockets):
+    """Client input wakes the socket's one queue (no reader thread per socket): a burst of
+    pings, sent before any is answered, still gets one pong each and the stream goes on."""
+    user = uid()
+    stack.account(user, 1_000)
+    stack.quiesce()
+    ws = sockets.balance(token=stack.token(user))
+    assert ws.recv()["type"] == "snapshot"
+    for _ in range(200):
+        ws.send("ping")
+    assert [ws.recv_raw(5) for _ in range(200)] == ["pong"] * 200
+    stack.purchase(user, 10)
+    assert seqs(ws.collect(has_seq(2), timeout=15)) == [2]
+
+
+def test_client_gone__server_frees_the_socket(stack, sockets):
+    """A client that closes, or just vanishes (TCP closed, no close frame), is noticed
+    without anything to send to it: websocket_connections falls back."""
+    user = uid()
+    stack.account(user, 1_000)
+    stack.quiesce()
+    base = stack.metric("websocket_connections")
+    polite, vanishing, staying = (sockets.balance(token=stack.token(user)) for _ in range(3))
+    for ws in (polite, vanishing, staying):
+        assert ws.recv()["type"] == "snapshot"
+    assert stack.metric("websocket_connections") == base + 3
+    polite.close()
+    vanishing.ws.sock.close()  # no close frame
+    wait_until(lambda: stack.metric("websocket_connections") == base + 1, 10, interval=0.2,
+               what="the two departed sockets freed")
+    stack.purchase(user, 10)
+    assert seqs(staying.collect(has_seq(2), timeout=15)) == [2]
 
 
 def test_push_preference_off__balance_update_without_notification(stack, sockets):

@@ -1,0 +1,38 @@
+"""Admission control: at most N plain HTTP requests run at once in a worker process.
+
+Under gevent a process accepts every connection and runs all their requests at once. When
+they need the CPU together, each one's turn comes round slowly - including the request
+that holds an account's row lock, which then holds it for longer, so every other purchase
+of that account waits longer too (the hot-account case ran at half the rate of a sync
+worker). With a small limit, a gevent process runs requests much as a sync worker would,
+a few at a time, while it still holds thousands of idle websockets: the websocket routes
+(long-lived, mostly idle) are not counted. The limit is TXMON_HTTP_CONCURRENCY (0 turns
+it off); requests past it wait here, in arrival order, as they would in a sync worker's
+accept queue. See docs/DECISIONS.md.
+"""
+from __future__ import annotations
+
+import threading
+
+
+class Admission:
+    """WSGI middleware: a semaphore around every request outside ``exempt_prefix``."""
+
+    def __init__(self, app, limit: int, exempt_prefix: str = "/ws/"):
+        self.app = app
+        self.exempt_prefix = exempt_prefix
+        self.slots = threading.BoundedSemaphore(limit)  # gevent-patched: cooperative
+
+    def __call__(self, environ, start_response):
+        if environ.get("PATH_INFO", "").startswith(self.exempt_prefix):
+            return self.app(environ, start_response)
+        with self.slots:
+            body = self.app(environ, start_response)
+            # Flask's JSON bodies are built already; a streamed body is produced here too,
+            # so the slot covers all the work of the request.
+            try:
+                return [b"".join(body)]
+            finally:
+                close = getattr(body, "close", None)
+                if close is not None:
+                    close()

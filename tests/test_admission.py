@@ -1,0 +1,76 @@
+"""api_service.admission: at most N plain HTTP requests at once per process; websockets free.
+
+The middleware is tested around a WSGI app that records how many calls overlap, from many
+threads (under gunicorn's gevent worker the same semaphore is cooperative; the websocket
+tests run the whole stack that way with the default limit).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from api_service.admission import Admission
+
+
+class Overlap:
+    """A WSGI app that sleeps a little and records the most calls running at once."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.running = self.most = 0
+        self.closed = 0
+
+    def __call__(self, environ, start_response):
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        time.sleep(0.02)
+        with self.lock:
+            self.running -= 1
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return self.Body(self, environ["PATH_INFO"].encode())
+
+    class Body(list):
+        def __init__(self, app, data):
+            super().__init__([data, b"!"])
+            self.app = app
+
+        def close(self):
+            self.app.closed += 1
+
+
+def _call(app, path: str) -> bytes:
+    return b"".join(app({"PATH_INFO": path, "REQUEST_METHOD": "GET"}, lambda *a: None))
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3])
+def test_at_most_limit_requests_run_at_once(limit):
+    inner = Overlap()
+    app = Admission(inner, limit)
+    with ThreadPoolExecutor(12) as pool:
+        bodies = list(pool.map(lambda i: _call(app, f"/api/v1/x{i}"), range(48)))
+    assert bodies == [f"/api/v1/x{i}!".encode() for i in range(48)]
+    assert inner.most == limit
+    assert inner.closed == 48  # the body's close() still runs (WSGI)
+
+
+def test_websocket_paths_are_not_counted():
+    """A socket's handler runs for as long as the client stays: it must never hold a slot."""
+    inner = Overlap()
+    app = Admission(inner, 1)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: _call(app, "/ws/balance"), range(8)))
+    assert inner.most > 1
+
+
+def test_app_uses_the_configured_limit(database_url):
+    from api_service import create_app
+    from shared.config import TestConfig
+
+    config = dict(TestConfig(database_url).as_dict(), HTTP_CONCURRENCY=3)
+    assert isinstance(create_app(config).wsgi_app, Admission)
+    config["HTTP_CONCURRENCY"] = 0
+    assert not isinstance(create_app(config).wsgi_app, Admission)
