@@ -12,11 +12,20 @@ workers = int(os.environ.get("TXMON_WEB_WORKERS", "4"))
 # cooperative once gunicorn's gevent worker has monkey-patched the standard library.
 worker_class = os.environ.get("TXMON_WORKER_CLASS", "gevent")
 worker_connections = int(os.environ.get("TXMON_WORKER_CONNECTIONS", "10000"))
+if worker_class == "gevent":
+    # psycopg picks wait_poll once gevent has patched select; gevent's poll builds its
+    # watchers afresh on every call. Its select (libev underneath, so no 1024-fd limit)
+    # costs about half as much per database round trip (measured: 48 vs 26 us of CPU).
+    os.environ.setdefault("PSYCOPG_WAIT_FUNC", "wait_select")
 threads = int(os.environ.get("TXMON_WEB_THREADS", "4"))  # used by the gthread class only
 timeout = 30
 graceful_timeout = 10
-keepalive = int(os.environ.get("TXMON_KEEPALIVE", "30"))
-reuse_port = os.environ.get("TXMON_REUSE_PORT", "1") == "1"
+keepalive = 30
+# Each worker gets a listening socket of its own and the kernel spreads new connections over
+# them. Without it a gevent worker accepts as many connections as it can while the others
+# sleep, and keep-alive clients stay where they landed (measured: 48 of 64 wrk connections
+# on one of 4 workers).
+reuse_port = True
 # Path without the query string: a ?token= must never reach a log line.
 access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms'
 accesslog = os.environ.get("TXMON_ACCESS_LOG", "-")

@@ -47,6 +47,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     errors.init_app(app)
     for bp in (wallet.bp, notifications_api.bp, admin.bp):
         limiter.limit(lambda: app.config["RATELIMIT_USER"])(bp)
+    for bp in (ops.bp, service_api.bp):  # unlimited: skip the limiter's per-request work
+        limiter.exempt(bp)
     for bp in (ops.bp, service_api.bp, wallet.bp, notifications_api.bp, admin.bp):
         app.register_blueprint(bp)
     metrics.init_app(app)

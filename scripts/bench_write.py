@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import itertools
 import json
 import os
 import platform
@@ -58,7 +59,8 @@ USER_LO, USER_HI, HOT_USER = 1000001, 1001000, 2000000
 SEED_BALANCE = 10**12
 TARGETS = {"random": 0.25, "hot": 0.5}
 CASE_NAMES = {"random": "random user of 1,000 accounts", "hot": "one hot account"}
-GUNICORN_ENV = ("TXMON_WEB_WORKERS", "TXMON_WEB_THREADS", "TXMON_WORKER_CLASS")
+GUNICORN_ENV = ("TXMON_WEB_WORKERS", "TXMON_WEB_THREADS", "TXMON_WORKER_CLASS",
+                "TXMON_HTTP_CONCURRENCY")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -328,9 +330,12 @@ def capture_main(args) -> None:
             "commit": psycopg.Connection.commit, "rollback": psycopg.Connection.rollback,
             "enter": psycopg.Transaction.__enter__, "exit": psycopg.Transaction.__exit__}
 
+    pipelines = itertools.count(1)
+
     def execute(self, query, params=None, **kw):
         ev = {"kind": "execute", "statement": text_of(query, self.connection),
-              "executemany": False, "params": [tagged(params)]}
+              "executemany": False, "params": [tagged(params)],
+              "pipeline": getattr(self.connection, "_bench_pipeline", None)}
         events.append(ev)
         out = around(self.connection, None,
                      lambda: orig["execute"](self, query, params, **kw), at=len(events) - 1)
@@ -353,6 +358,17 @@ def capture_main(args) -> None:
         return around(self._conn, "commit" if exc_type is None else "rollback",
                       lambda: orig["exit"](self, exc_type, exc, tb))
 
+    @contextlib.contextmanager
+    def pipeline(self):
+        with orig["pipeline"](self) as p:
+            self._bench_pipeline = next(pipelines)
+            try:
+                yield p
+            finally:
+                self._bench_pipeline = None
+
+    orig["pipeline"] = psycopg.Connection.pipeline
+    psycopg.Connection.pipeline = pipeline
     psycopg.Cursor.execute = execute
     psycopg.Cursor.executemany = executemany
     psycopg.Connection.commit = lambda self: around(self, "commit",
@@ -432,12 +448,19 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+# Ids the write path draws in its UPDATE ... RETURNING (column alias -> the INSERT columns
+# that take them; ``col@table`` for a column of one table only).
+RETURNED_IDS = {"tx_id": {"id@transactions", "transaction_id", "charge_transaction_id"},
+                "note_id": {"id@notifications", "notification_id"}}
+
+
 class PgbenchScript:
     """Turns the captured statements into a pgbench script (see module docstring)."""
 
     def __init__(self, capture: dict):
         self.capture = capture
         self.returned: list[tuple[str, str, str]] = []  # (table, column, value) seen so far
+        self.table = ""  # the table of the statement being rendered
         self.mapped: dict[str, int] = {}
         execs = [e for e in capture["events"] if e["kind"] == "execute"]
         stamps = [p["v"] for e in execs for row in e["params"] for p in row.values()
@@ -463,8 +486,9 @@ class PgbenchScript:
                 singular = table[:-1] if table.endswith("s") else table
                 names = {column, f"{singular}_{column}", {"last_seq": "seq"}.get(column),
                          {"balance_cents": "balance_after_cents"}.get(column)}
-                if str(value) == returned and (base in names or base.endswith(
-                        f"{singular}_{column}")):
+                names |= RETURNED_IDS.get(column, set())
+                if str(value) == returned and (base in names or f"{base}@{self.table}" in names
+                                               or base.endswith(f"{singular}_{column}")):
                     return self._var(f":{table}_{column}")
             return str(value)
         if kind in ("str", "json"):
@@ -492,7 +516,11 @@ class PgbenchScript:
 
     def body(self) -> str:
         lines = []
+        in_pipeline = None  # the number of the pipeline being written out
         for ev in self.capture["events"]:
+            if ev["kind"] != "execute" and in_pipeline is not None:
+                lines.append("\\endpipeline")
+                in_pipeline = None
             if ev["kind"] == "begin":
                 lines.append("BEGIN;")
             elif ev["kind"] == "commit":
@@ -500,8 +528,20 @@ class PgbenchScript:
             elif ev["kind"] == "rollback":
                 raise SystemExit("the captured request rolled back; nothing to replay")
             else:
-                table = (_TABLE.match(ev["statement"]) or [None, "q"])[1].lower()
+                table = self.table = (_TABLE.match(ev["statement"]) or [None, "q"])[1].lower()
                 rendered = [self._statement(ev["statement"], row) for row in ev["params"]]
+                if ev.get("pipeline") is not None:
+                    # Statements sent in one psycopg pipeline (one round trip), as they were.
+                    if ev["pipeline"] != in_pipeline:
+                        if in_pipeline is not None:
+                            lines.append("\\endpipeline")
+                        lines.append("\\startpipeline")
+                        in_pipeline = ev["pipeline"]
+                    lines.extend(sql + ";" for sql in rendered)
+                    continue
+                if in_pipeline is not None:
+                    lines.append("\\endpipeline")
+                    in_pipeline = None
                 if ev["executemany"] and len(rendered) > 1:
                     # psycopg 3 runs executemany as one pipeline (one round trip).
                     lines.append("\\startpipeline")
@@ -551,9 +591,15 @@ def gunicorn_settings(env: dict) -> dict:
     finally:
         os.environ.clear()
         os.environ.update(saved)
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from shared.config import Config  # the app's own default for its admission limit
+
+    limit = env.get("TXMON_HTTP_CONCURRENCY")
     return {"workers": conf["workers"], "threads": conf.get("threads", 1),
             "worker_class": conf["worker_class"],
-            "worker_connections": conf.get("worker_connections", 1000)}
+            "worker_connections": conf.get("worker_connections", 1000),
+            "http_concurrency": int(limit) if limit else Config().HTTP_CONCURRENCY}
 
 
 def describe(gs: dict) -> str:
@@ -561,8 +607,11 @@ def describe(gs: dict) -> str:
     if gs["worker_class"] == "gthread":
         return f"{gs['workers']} workers x {gs['threads']} threads, worker class `gthread`"
     if gs["worker_class"] in ("gevent", "eventlet") and gs.get("worker_connections"):
+        limit = gs.get("http_concurrency")
         return (f"{gs['workers']} workers, worker class `{gs['worker_class']}` "
-                f"(worker_connections {gs['worker_connections']})")
+                f"(worker_connections {gs['worker_connections']}; "
+                + (f"at most {limit} plain HTTP requests at once per worker, "
+                   "TXMON_HTTP_CONCURRENCY)" if limit else "no HTTP admission limit)"))
     return f"{gs['workers']} workers, worker class `{gs['worker_class']}`"
 
 
@@ -852,17 +901,20 @@ def render_sweep(res: dict) -> list[str]:
              f"warm-up, same wrk settings (-c{a['connections']}), {a['rounds']} rounds "
              "round-robin over the settings, best round shown (all rounds in brackets). "
              "Threads apply to `gthread` only (`sync` with threads > 1 would become gthread; "
-             "`gevent` serves up to worker_connections requests per process instead)."
+             "`gevent` serves up to worker_connections requests per process instead, of "
+             "which at most TXMON_HTTP_CONCURRENCY plain HTTP requests run at once; "
+             "*off*: no limit)."
              + ("" if res.get("vacuum_between_runs") else
                 " This sweep ran before the benchmark vacuumed the accounts table between "
                 "runs, so hot-account numbers drift down within it (the hot row's dead "
                 "versions pile up); compare hot-account settings within a round."), "",
              "*CPU/req* is the app's plus Postgres's CPU per request over the 1,000 accounts "
              "(lowest of the rounds): it depends far less than req/s on other processes.", "",
-             "| TXMON_WORKER_CLASS | TXMON_WEB_WORKERS | TXMON_WEB_THREADS | req/s, 1,000 "
+             "| TXMON_WORKER_CLASS | TXMON_WEB_WORKERS | TXMON_WEB_THREADS | "
+             "TXMON_HTTP_CONCURRENCY | req/s, 1,000 "
              "accounts | p99 | CPU/req | req/s, hot account | p99 | non-2xx | "
              "other processes |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         s = r["settings"]
         others = r["random"]["other_pcts"] + r["hot"]["other_pcts"]
@@ -871,7 +923,8 @@ def render_sweep(res: dict) -> list[str]:
             return "(" + ", ".join(f"{x:.0f}" for x in r[case]["rounds"]) + ")"
 
         threads_cell = s["threads"] if s["worker_class"] == "gthread" else "-"
-        lines.append(f"| {s['worker_class']} | {s['workers']} | {threads_cell} | "
+        limit_cell = s.get("http_concurrency") or "off"
+        lines.append(f"| {s['worker_class']} | {s['workers']} | {threads_cell} | {limit_cell} | "
                      f"{r['random']['rps']:.0f} {all_rounds('random')} | "
                      f"{fmt_ms(r['random']['p99_us'])} | "
                      f"{r['random'].get('cpu_ms_min', float('nan')):.2f} ms | "
@@ -884,6 +937,9 @@ def render_sweep(res: dict) -> list[str]:
         s = r["settings"]
         if s["worker_class"] == "gthread":
             return f"gthread, {s['workers']} workers x {s['threads']} threads"
+        if s.get("http_concurrency"):
+            return (f"{s['worker_class']}, {s['workers']} workers, "
+                    f"TXMON_HTTP_CONCURRENCY={s['http_concurrency']}")
         return f"{s['worker_class']}, {s['workers']} workers"
 
     d = res["gunicorn"]
@@ -1107,13 +1163,16 @@ def main(argv) -> int:
 
 def sweep(args, base_env: dict, workdir: Path, db: str, api_key: str, run_id: str) -> list:
     """Each gunicorn setting served afresh, --rounds times round-robin; best round counts."""
-    settings = [("gthread", w, t) for w in (2, 3, 4) for t in (1, 2, 4)]
-    settings += [(cls, w, 1) for cls in ("sync", "gevent") for w in (2, 3, 4)]
+    # (class, workers, threads, TXMON_HTTP_CONCURRENCY); the limit is left off (0) where the
+    # class bounds concurrency itself (sync: 1, gthread: its threads).
+    settings = [("gthread", w, t, 0) for w, t in ((2, 1), (4, 1), (2, 4), (4, 4))]
+    settings += [("sync", w, 1, 0) for w in (2, 4)]
+    settings += [("gevent", w, 1, c) for w in (2, 4) for c in (0, 1, 2, 4)]
     runs: dict = {k: {"random": [], "hot": []} for k in range(len(settings))}
     for rnd in range(1, args.rounds + 1):
-        for k, (cls, workers, threads) in enumerate(settings):
+        for k, (cls, workers, threads, limit) in enumerate(settings):
             env = dict(base_env, TXMON_WORKER_CLASS=cls, TXMON_WEB_WORKERS=str(workers),
-                       TXMON_WEB_THREADS=str(threads))
+                       TXMON_WEB_THREADS=str(threads), TXMON_HTTP_CONCURRENCY=str(limit))
             server = Server(env, workdir, f"sweep{k}r{rnd}")
             try:
                 server.start()
@@ -1124,20 +1183,22 @@ def sweep(args, base_env: dict, workdir: Path, db: str, api_key: str, run_id: st
                                       quiet_wait=args.wait_quiet)
                        for case in ("random", "hot")}
             except (Exception, SystemExit) as exc:  # one bad setting must not lose the rest
-                log(f"sweep round {rnd}: {cls} {workers}x{threads} failed, skipped: {exc}")
+                log(f"sweep round {rnd}: {cls} {workers}x{threads} limit {limit} failed, "
+                    f"skipped: {exc}")
                 continue
             finally:
                 server.stop()
             for case in ("random", "hot"):
                 runs[k][case].append(got[case])
-            log(f"sweep round {rnd}: {cls} {workers}x{threads}: "
+            log(f"sweep round {rnd}: {cls} {workers}x{threads} limit {limit}: "
                 f"{got['random']['rps']:.0f} req/s (1,000), {got['hot']['rps']:.0f} req/s "
                 f"(hot), other processes {got['random']['cpu']['other_pct']:.0f}% CPU")
     rows = []
-    for k, (cls, workers, threads) in enumerate(settings):
+    for k, (cls, workers, threads, limit) in enumerate(settings):
         if not runs[k]["random"]:
             continue
-        row = {"settings": {"worker_class": cls, "workers": workers, "threads": threads}}
+        row = {"settings": {"worker_class": cls, "workers": workers, "threads": threads,
+                            "http_concurrency": limit}}
         for case in ("random", "hot"):
             row[case] = dict(max(runs[k][case], key=lambda r: r["rps"]))
             row[case]["rounds"] = [r["rps"] for r in runs[k][case]]

@@ -11,8 +11,8 @@ Nothing else in txmon changes a balance. See models.py for the invariants the da
 
 The movement itself is fixed SQL on the driver's cursor (shared.db.RawSql): the purchase is the
 hot path, and building Core statements per call cost more CPU than Postgres spent running
-them. Round trips while the account row is locked: the UPDATE ... RETURNING, the transaction
-INSERT, the notification INSERT, one pipeline (outbox rows, verification), the COMMIT.
+them. Round trips while the account row is locked: the UPDATE ... RETURNING (which also
+draws the new rows' ids), one pipeline of every INSERT, the COMMIT.
 """
 from __future__ import annotations
 
@@ -76,12 +76,20 @@ def serialize_verification(row) -> dict:
 
 _UPDATE = ("UPDATE accounts SET balance_cents = balance_cents + %s, last_seq = last_seq + 1,"
            " updated_at = %s WHERE user_id = %s{funds}"
-           " RETURNING balance_cents, last_seq, low_balance_threshold_cents")
-_UPDATE_ANY = _UPDATE.format(funds="")
-_UPDATE_FUNDED = _UPDATE.format(funds=" AND balance_cents >= %s")
-_INSERT_TX = ("INSERT INTO transactions (user_id, seq, amount_cents, balance_after_cents, type,"
+           " RETURNING balance_cents, last_seq, low_balance_threshold_cents, {ids}")
+# The new transaction's and notification's ids come back with the UPDATE, so every INSERT
+# can go out in one batch with the COMMIT. SQLite serializes writers (BEGIN IMMEDIATE), so
+# the next id there is simply max + 1.
+_NEW_IDS = {"postgresql": "nextval('transactions_id_seq') AS tx_id,"
+                          " nextval('notifications_id_seq') AS note_id",
+            "sqlite": "(SELECT COALESCE(MAX(id), 0) + 1 FROM transactions) AS tx_id,"
+                      " (SELECT COALESCE(MAX(id), 0) + 1 FROM notifications) AS note_id"}
+_UPDATES = {(dialect, funded): _UPDATE.format(
+    ids=ids, funds=" AND balance_cents >= %s" if funded else "")
+    for dialect, ids in _NEW_IDS.items() for funded in (False, True)}
+_INSERT_TX = ("INSERT INTO transactions (id, user_id, seq, amount_cents, balance_after_cents, type,"
               " status, description, service, verification_id, reference, created_at)"
-              " VALUES (%s, %s, %s, %s, %s, 'completed', %s, %s, %s, %s, %s) RETURNING id")
+              " VALUES (%s, %s, %s, %s, %s, %s, 'completed', %s, %s, %s, %s, %s)")
 _INSERT_VERIFICATION = (
     "INSERT INTO verifications (id, user_id, service_name, country, cost_cents, timeout_seconds,"
     " status, created_at, expires_at, updated_at, charge_transaction_id)"
@@ -89,19 +97,21 @@ _INSERT_VERIFICATION = (
 
 
 def _post(conn, *, user_id: str, amount_cents: int, tx: dict, notification, now: datetime,
-          require_funds: bool = False, extra_outbox=(), then=None) -> tuple[dict, int]:
+          require_funds: bool = False, extra_outbox=(), then=None) -> dict:
     """Move ``amount_cents`` on the account inside ``conn``'s transaction.
 
-    Fixed SQL on the driver's cursor (shared.db.RawSql): UPDATE ... RETURNING, the
-    transaction and notification INSERTs, then the outbox rows and ``then(sql, tx)`` (the
-    caller's own statement) in one pipeline. Returns (transaction dict, notification id).
-    Raises NotFound / InsufficientFunds with nothing written (the caller rolls back).
+    Fixed SQL on the driver's cursor (shared.db.RawSql). The UPDATE ... RETURNING locks
+    the account row and hands back the balance, the seq and the new rows' ids; then the
+    transaction, its notification, the outbox rows and ``then(sql, tx)`` (the caller's own
+    statements) go out in one pipeline. Until the caller's COMMIT the row lock is held for
+    that one round trip, not one per statement. Returns the transaction. Raises NotFound /
+    InsufficientFunds with nothing written (the caller rolls back); a unique violation
+    surfaces as IntegrityError.
     """
     sql = RawSql(conn)
-    if require_funds:
-        row = sql.execute(_UPDATE_FUNDED, (amount_cents, now, user_id, -amount_cents)).fetchone()
-    else:
-        row = sql.execute(_UPDATE_ANY, (amount_cents, now, user_id)).fetchone()
+    update = _UPDATES[conn.dialect.name, require_funds]
+    params = (amount_cents, now, user_id) + ((-amount_cents,) if require_funds else ())
+    row = sql.execute(update, params).fetchone()
     if row is None:
         balance = conn.execute(select(accounts.c.balance_cents)
                                .where(accounts.c.user_id == user_id)).scalar()
@@ -109,33 +119,33 @@ def _post(conn, *, user_id: str, amount_cents: int, tx: dict, notification, now:
             raise NotFound(f"No account for user {user_id}.")
         raise InsufficientFunds("The balance does not cover this purchase.",
                                 {"balance_cents": balance, "required_cents": -amount_cents})
-    balance, seq, threshold = row
-    values = dict(tx, user_id=user_id, seq=seq, amount_cents=amount_cents, status="completed",
-                  balance_after_cents=balance, created_at=now)
-    values["id"] = sql.execute(_INSERT_TX, (
-        user_id, seq, amount_cents, balance, tx["type"], tx["description"], tx["service"],
-        tx["verification_id"], tx["reference"], now)).fetchone()[0]
-    note_id = notifications.insert_notification(sql, user_id=user_id, content=notification(balance),
-                                                now=now, transaction_id=values["id"])
+    balance, seq, threshold, tx_id, note_id = row
+    values = dict(tx, id=tx_id, user_id=user_id, seq=seq, amount_cents=amount_cents,
+                  status="completed", balance_after_cents=balance, created_at=now)
     data = serialize_transaction(_Row(values))
     rows = outbox.notification_messages(note_id, user_id, now)
     # The balance_update travels in the row, so the relay publishes it without a task hop.
-    rows.append(outbox.message(outbox.PUBLISH_BALANCE, user_id, now, transaction_id=data["id"],
+    rows.append(outbox.message(outbox.PUBLISH_BALANCE, user_id, now, transaction_id=tx_id,
                                message=realtime.balance_update(data, now.isoformat())))
-    rows.append(outbox.message(outbox.CHECK_ALERTS, user_id, now, transaction_id=values["id"]))
-    if amount_cents < 0:
-        old = balance - amount_cents
-        if old >= threshold > balance:
-            low_id = notifications.insert_notification(
-                sql, user_id=user_id, now=now,
-                content=notifications.for_low_balance(balance, threshold))
-            rows.extend(outbox.notification_messages(low_id, user_id, now))
+    rows.append(outbox.message(outbox.CHECK_ALERTS, user_id, now, transaction_id=tx_id))
+    low = None
+    if amount_cents < 0 and balance - amount_cents >= threshold > balance:
+        low = notifications.for_low_balance(balance, threshold)
     rows.extend(extra_outbox)
     with sql.pipeline():
+        sql.execute(_INSERT_TX, (tx_id, user_id, seq, amount_cents, balance, tx["type"],
+                                 tx["description"], tx["service"], tx["verification_id"],
+                                 tx["reference"], now))
+        notifications.insert_notification(sql, user_id=user_id, content=notification(balance),
+                                          now=now, transaction_id=tx_id, notification_id=note_id)
+        if low is not None:  # rare: its id comes from the database, ending the batch early
+            low_id = notifications.insert_notification(sql, user_id=user_id, now=now,
+                                                       content=low)
+            rows.extend(outbox.notification_messages(low_id, user_id, now))
         outbox.write(sql, rows)
         if then is not None:
             then(sql, values)
-    return data, note_id
+    return data
 
 
 def _committed(movement: Movement, *, notification_type: str) -> Movement:
@@ -164,8 +174,8 @@ def record_credit(*, user_id: str, amount_cents: int, payment_id: str,
           "verification_id": None}
     try:
         with _engine().begin() as conn:
-            values, _ = _post(conn, user_id=user_id, amount_cents=amount_cents, tx=tx, now=now,
-                              notification=lambda bal: notifications.for_credit(amount_cents, bal))
+            values = _post(conn, user_id=user_id, amount_cents=amount_cents, tx=tx, now=now,
+                           notification=lambda bal: notifications.for_credit(amount_cents, bal))
     except IntegrityError:
         existing = _by_reference("credit", payment_id)
         if existing is None:
@@ -187,9 +197,9 @@ def apply_adjustment(*, user_id: str, amount_cents: int, reason: str,
           "service": None, "verification_id": None}
     try:
         with _engine().begin() as conn:
-            values, _ = _post(conn, user_id=user_id, amount_cents=amount_cents, tx=tx, now=now,
-                              notification=lambda bal: notifications.for_adjustment(
-                                  amount_cents, bal, reason))
+            values = _post(conn, user_id=user_id, amount_cents=amount_cents, tx=tx, now=now,
+                           notification=lambda bal: notifications.for_adjustment(
+                               amount_cents, bal, reason))
     except IntegrityError:
         existing = _by_reference("adjustment", idempotency_key)
         if existing is None:
@@ -235,10 +245,10 @@ def charge_verification(*, verification_id: str, user_id: str, service_name: str
                             verification_id=verification_id)
     try:
         with _engine().begin() as conn:
-            values, _ = _post(conn, user_id=user_id, amount_cents=-cost_cents, tx=tx, now=now,
-                              require_funds=True, extra_outbox=[expire], then=insert_verification,
-                              notification=lambda bal: notifications.for_purchase(
-                                  cost_cents, bal, service_name, verification_id))
+            values = _post(conn, user_id=user_id, amount_cents=-cost_cents, tx=tx, now=now,
+                           require_funds=True, extra_outbox=[expire], then=insert_verification,
+                           notification=lambda bal: notifications.for_purchase(
+                               cost_cents, bal, service_name, verification_id))
     except (IntegrityError, InsufficientFunds, NotFound) as exc:
         replay = _purchase_replay(verification_id, user_id=user_id, service_name=service_name,
                                   country=country, cost_cents=cost_cents,
@@ -299,7 +309,10 @@ def refund_verification(*, verification_id: str, status: str,
     """End a pending verification as cancelled/failed/timed_out and refund its charge once.
 
     Asking again for the same ending returns the same refund; any other ending is
-    InvalidState. Lock order is account, then verification, the same as a purchase.
+    InvalidState. The verification is claimed (pending -> its ending) before the account
+    is touched: of racing endings only the winner goes on to lock the account, and no
+    other path locks an existing verification and then an account, so the two orders
+    cannot deadlock (a purchase locks the account, then INSERTs its new verification).
     """
     if status not in REFUND_STATUSES:
         raise ValueError(f"not a refunding status: {status}")
@@ -313,18 +326,23 @@ def refund_verification(*, verification_id: str, status: str,
     tx = {"type": "verification_refund", "reference": None, "service": ver.service_name,
           "verification_id": verification_id,
           "description": f"Refund: {ver.service_name} verification ({why})"}
+
+    def link_refund(sql, refund: dict) -> None:
+        sql.execute("UPDATE verifications SET refund_transaction_id = %s WHERE id = %s",
+                    (refund["id"], verification_id))
+
     if ver.status == "pending":
         try:
             with _engine().begin() as conn:
-                values, _ = _post(conn, user_id=ver.user_id, amount_cents=ver.cost_cents, tx=tx,
-                                  now=now, notification=lambda bal: notifications.for_refund(
-                                      ver.cost_cents, bal, ver.service_name, why))
                 claimed = conn.execute(update(verifications).where(
                     verifications.c.id == verification_id, verifications.c.status == "pending",
-                ).values(status=status, status_reason=reason, updated_at=now,
-                         refund_transaction_id=values["id"])).rowcount
+                ).values(status=status, status_reason=reason, updated_at=now)).rowcount
                 if claimed != 1:
                     raise _LostRace()
+                values = _post(conn, user_id=ver.user_id, amount_cents=ver.cost_cents, tx=tx,
+                               now=now, then=link_refund,
+                               notification=lambda bal: notifications.for_refund(
+                                   ver.cost_cents, bal, ver.service_name, why))
         except (_LostRace, IntegrityError):
             pass
         else:

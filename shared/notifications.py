@@ -65,17 +65,27 @@ def for_low_balance(balance_cents: int, threshold_cents: int) -> dict:
             "link": "/wallet", "icon": "warning", "amount_cents": balance_cents}
 
 
-_INSERT = ("INSERT INTO notifications (user_id, type, title, message, link, icon, amount_cents,"
-           " transaction_id, read, email_status, created_at)"
-           " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 'pending', %s) RETURNING id")
+_COLUMNS = ("user_id, type, title, message, link, icon, amount_cents, transaction_id, read,"
+            " email_status, created_at")
+_VALUES = "%s, %s, %s, %s, %s, %s, %s, %s, %s, 'pending', %s"
+_INSERT = f"INSERT INTO notifications (id, {_COLUMNS}) VALUES (%s, {_VALUES})"
+_INSERT_NEW_ID = f"INSERT INTO notifications ({_COLUMNS}) VALUES ({_VALUES}) RETURNING id"
 
 
 def insert_notification(sql, *, user_id: str, content: dict, now: datetime,
-                        transaction_id: int | None = None) -> int:
-    """Write one in-app notification with ``sql`` (a shared.db.RawSql); returns its id."""
-    return sql.execute(_INSERT, (user_id, content["type"], content["title"], content["message"],
-                                 content["link"], content["icon"], content["amount_cents"],
-                                 transaction_id, False, now)).fetchone()[0]
+                        transaction_id: int | None = None,
+                        notification_id: int | None = None) -> int:
+    """Write one in-app notification with ``sql`` (a shared.db.RawSql); returns its id.
+
+    With ``notification_id`` (taken from the sequence beforehand) nothing is read back, so
+    the INSERT can be batched with others.
+    """
+    values = (user_id, content["type"], content["title"], content["message"], content["link"],
+              content["icon"], content["amount_cents"], transaction_id, False, now)
+    if notification_id is not None:
+        sql.execute(_INSERT, (notification_id,) + values)
+        return notification_id
+    return sql.execute(_INSERT_NEW_ID, values).fetchone()[0]
 
 
 def serialize(n: Notification) -> dict:
