@@ -91,3 +91,13 @@ def client(app):
 def api(app, client):
     """Contract-level helper: headers, tokens, account set-up (see tests/helpers.py)."""
     return Api(app, client)
+
+
+@pytest.fixture
+def sockets(stack):
+    """Websocket clients on a test module's ``stack`` (tests/ws_support.py), closed after."""
+    from tests.ws_support import Sockets
+
+    s = Sockets(stack)
+    yield s
+    s.close_all()

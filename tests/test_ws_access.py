@@ -5,14 +5,12 @@ Served by gunicorn (gevent) with a Celery worker, so alerts come from the real a
 from __future__ import annotations
 
 import time
-import uuid
 from datetime import timedelta
 
 import pytest
 import requests
 
-from tests.ws_support import (Sockets, check_update, forge, has_seq, running_stack, summarize,
-                              updates)
+from tests.ws_support import (check_update, forge, has_seq, running_stack, summarize, uid, updates)
 
 POLICY_VIOLATION = 1008
 LARGE_DEBIT_CENTS = 2_000
@@ -31,17 +29,6 @@ def _settled(stack):
     """Let the worker finish this test's tasks before the next test truncates the tables."""
     yield
     stack.quiesce()
-
-
-@pytest.fixture
-def sockets(stack):
-    s = Sockets(stack)
-    yield s
-    s.close_all()
-
-
-def uid(prefix: str = "acc") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
 def assert_policy_close(ws, timeout: float = 5) -> None:

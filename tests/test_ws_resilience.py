@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import threading
 import time
-import uuid
 
 import pytest
 import requests
 
 from tests.ws_support import (Closed, Reader, Sockets, Stack, check_contiguous, check_update,
-                              compress, connections_by_worker, has_seq, running_stack, seqs,
-                              summarize, updates, wait_until)
+                              compress, connections_by_worker, has_seq, notifications,
+                              running_stack, seqs, summarize, uid, updates, wait_until)
 
 WEB_WORKERS = 2
 QUEUE_SIZE = 32  # small, so a stuck socket is noticed quickly (default 256)
@@ -48,21 +47,6 @@ def _settled(stack):
     yield
     if stack.worker_proc.alive():  # a Redis restart can kill the worker (asserted below)
         stack.quiesce(timeout=30)
-
-
-@pytest.fixture
-def sockets(stack):
-    s = Sockets(stack)
-    yield s
-    s.close_all()
-
-
-def uid(prefix: str = "res") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def notifications(messages: list[dict]) -> list[dict]:
-    return [m["notification"] for m in messages if m.get("type") == "notification"]
 
 
 # -- one subscription per process --------------------------------------------------------------

@@ -10,12 +10,12 @@ import json
 import random
 import threading
 import time
-import uuid
 
 import pytest
 
-from tests.ws_support import (Closed, Reader, Sockets, check_contiguous, check_update, compress,
-                              has_seq, running_stack, seqs, summarize, updates, wait_until)
+from tests.ws_support import (Closed, Reader, check_contiguous, check_update, compress, has_seq,
+                              notifications, running_stack, seqs, summarize, uid, updates,
+                              wait_until)
 
 
 @pytest.fixture(scope="module")
@@ -30,21 +30,6 @@ def _settled(stack):
     """Let the worker finish this test's tasks before the next test truncates the tables."""
     yield
     stack.quiesce()
-
-
-@pytest.fixture
-def sockets(stack):
-    s = Sockets(stack)
-    yield s
-    s.close_all()
-
-
-def uid(prefix: str = "ws") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def notifications(messages: list[dict]) -> list[dict]:
-    return [m["notification"] for m in messages if m.get("type") == "notification"]
 
 
 def test_query_token__snapshot_then_replay_then_live_in_seq_order(stack, sockets):

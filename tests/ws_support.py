@@ -678,3 +678,13 @@ def connections_by_worker(stack: Stack, clients: list[Client]) -> dict[int, dict
                                   if ino in mine and rp == stack.redis.port and lp in psub_ports),
         }
     return out
+
+
+def uid(prefix: str = "ws") -> str:
+    """A fresh user id for one test."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def notifications(messages: list[dict]) -> list[dict]:
+    """The notification objects among websocket messages."""
+    return [m["notification"] for m in messages if m.get("type") == "notification"]
