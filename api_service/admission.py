@@ -13,15 +13,48 @@ accept queue. See docs/DECISIONS.md.
 from __future__ import annotations
 
 import threading
+from collections import deque
+
+
+class FairSlots:
+    """A counting semaphore that serves waiters strictly in arrival order.
+
+    threading's (and gevent's) Semaphore let a newcomer take a slot that was just freed
+    while the waiter woken for it is still waking up; under load some requests then wait
+    over and over (measured: p50 38 ms but p90 850 ms). Here a freed slot is handed to the
+    oldest waiter directly, so nobody can barge in ahead of it.
+    """
+
+    def __init__(self, limit: int):
+        self._free = limit
+        self._lock = threading.Lock()
+        self._waiters: deque[threading.Event] = deque()
+
+    def __enter__(self):
+        with self._lock:
+            if self._free and not self._waiters:
+                self._free -= 1
+                return self
+            turn = threading.Event()
+            self._waiters.append(turn)
+        turn.wait()  # set by the release that hands its slot over
+        return self
+
+    def __exit__(self, *exc):
+        with self._lock:
+            if self._waiters:
+                self._waiters.popleft().set()
+            else:
+                self._free += 1
 
 
 class Admission:
-    """WSGI middleware: a semaphore around every request outside ``exempt_prefix``."""
+    """WSGI middleware: a fair semaphore around every request outside ``exempt_prefix``."""
 
     def __init__(self, app, limit: int, exempt_prefix: str = "/ws/"):
         self.app = app
         self.exempt_prefix = exempt_prefix
-        self.slots = threading.BoundedSemaphore(limit)  # gevent-patched: cooperative
+        self.slots = FairSlots(limit)  # threading is gevent-patched there: cooperative
 
     def __call__(self, environ, start_response):
         if environ.get("PATH_INFO", "").startswith(self.exempt_prefix):

@@ -74,3 +74,43 @@ def test_app_uses_the_configured_limit(database_url):
     assert isinstance(create_app(config).wsgi_app, Admission)
     config["HTTP_CONCURRENCY"] = 0
     assert not isinstance(create_app(config).wsgi_app, Admission)
+
+
+def test_waiters_are_served_in_arrival_order_and_nobody_barges_in():
+    """A freed slot goes to the oldest waiter, not to whoever asks at that moment."""
+    from api_service.admission import FairSlots
+
+    slots = FairSlots(1)
+    order, holder_go = [], threading.Event()
+
+    def holder():
+        with slots:
+            holder_go.wait(5)
+
+    def waiter(name):
+        with slots:
+            order.append(name)
+
+    first = threading.Thread(target=holder)
+    first.start()
+    wait_for(lambda: slots._free == 0)
+    threads = []
+    for name in ("w1", "w2", "w3", "w4"):
+        t = threading.Thread(target=waiter, args=(name,))
+        t.start()
+        threads.append(t)
+        wait_for(lambda n=len(threads): len(slots._waiters) == n)
+    holder_go.set()
+    with slots:  # a newcomer right after the release: it must queue behind w1..w4
+        order.append("newcomer")
+    for t in [first, *threads]:
+        t.join(5)
+    assert order == ["w1", "w2", "w3", "w4", "newcomer"]
+    assert slots._free == 1 and not slots._waiters
+
+
+def wait_for(predicate, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
