@@ -8,8 +8,8 @@ One run (``scripts/bench_write``, about 4 minutes with the defaults):
 2. captures the exact statements one real request executes (in-process, by wrapping
    psycopg's cursor, so SQLAlchemy or raw psycopg alike; values and RETURNING rows too) and
    turns them into a pgbench script: same statement text, same order, the same transaction,
-   the same pipelining psycopg uses for executemany, RETURNING values fed to later statements
-   with ``\\gset``;
+   the same pipelines (psycopg pipeline mode, executemany), RETURNING values fed to later
+   statements with ``\\gset``;
 3. serves the API exactly as gunicorn.conf.py configures it (defaults unless TXMON_WEB_* are
    given) and loads it with wrk (scripts/bench/verifications.lua: unique verification ids)
    over (a) random users of the 1,000 and (b) the one hot account;
@@ -21,8 +21,8 @@ One run (``scripts/bench_write``, about 4 minutes with the defaults):
 Every measurement is taken ``--rounds`` times (2), API and pgbench interleaved, and the best
 of each is used, on both sides alike; each run also records how much CPU *other* processes
 took, since the machine may be shared (``--wait-quiet S`` waits for a quiet moment first).
-``--sweep`` also tries gunicorn settings (workers x threads x worker class) and records which
-serves the most requests/s (about 12 more minutes). ``--help`` lists the knobs.
+``--sweep`` also tries gunicorn settings (workers x threads x worker class x the API's
+admission limit) and records which serves the most requests/s (about 11 more minutes). ``--help`` lists the knobs.
 """
 from __future__ import annotations
 
@@ -315,6 +315,8 @@ def capture_main(args) -> None:
         return {str(i): _tag(v) for i, v in enumerate(params)}
 
     def around(conn, record, call, at=None):
+        if conn.autocommit:  # BEGIN / COMMIT are the caller's own statements (recorded)
+            return call()
         before = conn.info.transaction_status
         at = len(events) if at is None else at
         try:
@@ -327,24 +329,44 @@ def capture_main(args) -> None:
                 events.append({"kind": record})
 
     orig = {"execute": psycopg.Cursor.execute, "executemany": psycopg.Cursor.executemany,
+            "fetchone": psycopg.Cursor.fetchone,
             "commit": psycopg.Connection.commit, "rollback": psycopg.Connection.rollback,
             "enter": psycopg.Transaction.__enter__, "exit": psycopg.Transaction.__exit__}
 
     pipelines = itertools.count(1)
 
-    def execute(self, query, params=None, **kw):
-        ev = {"kind": "execute", "statement": text_of(query, self.connection),
-              "executemany": False, "params": [tagged(params)],
-              "pipeline": getattr(self.connection, "_bench_pipeline", None)}
-        events.append(ev)
-        out = around(self.connection, None,
-                     lambda: orig["execute"](self, query, params, **kw), at=len(events) - 1)
-        res = self.pgresult
-        if self.description and res is not None and res.ntuples == 1:
+    last_event: dict = {}
+
+    def returned(cur, ev) -> None:
+        res = cur.pgresult
+        if cur.description and res is not None and res.ntuples == 1:
             ev["returned"] = {col.name: (None if res.get_value(0, i) is None
                                          else bytes(res.get_value(0, i)).decode())
-                              for i, col in enumerate(self.description)}
+                              for i, col in enumerate(cur.description)}
+
+    def execute(self, query, params=None, **kw):
+        statement = text_of(query, self.connection)
+        pipeline = getattr(self.connection, "_bench_pipeline", None)
+        verb = statement.strip().upper()
+        if verb in ("BEGIN", "COMMIT", "ROLLBACK"):  # sent as statements (autocommit)
+            events.append({"kind": {"BEGIN": "begin", "COMMIT": "commit"}.get(verb, verb.lower()),
+                           "pipeline": pipeline})
+            return orig["execute"](self, query, params, **kw)
+        ev = {"kind": "execute", "statement": statement, "executemany": False,
+              "params": [tagged(params)], "pipeline": pipeline}
+        events.append(ev)
+        last_event[id(self)] = ev  # psycopg's cursors take no new attributes
+        out = around(self.connection, None,
+                     lambda: orig["execute"](self, query, params, **kw), at=len(events) - 1)
+        returned(self, ev)  # in pipeline mode the result comes with the fetch instead
         return out
+
+    def fetchone(self):
+        row = orig["fetchone"](self)
+        ev = last_event.get(id(self))
+        if ev is not None and "returned" not in ev:
+            returned(self, ev)
+        return row
 
     def executemany(self, query, params_seq, **kw):
         params_seq = list(params_seq)
@@ -370,6 +392,7 @@ def capture_main(args) -> None:
     orig["pipeline"] = psycopg.Connection.pipeline
     psycopg.Connection.pipeline = pipeline
     psycopg.Cursor.execute = execute
+    psycopg.Cursor.fetchone = fetchone
     psycopg.Cursor.executemany = executemany
     psycopg.Connection.commit = lambda self: around(self, "commit",
                                                     lambda: orig["commit"](self))
@@ -518,7 +541,8 @@ class PgbenchScript:
         lines = []
         in_pipeline = None  # the number of the pipeline being written out
         for ev in self.capture["events"]:
-            if ev["kind"] != "execute" and in_pipeline is not None:
+            if in_pipeline is not None and (ev.get("pipeline") != in_pipeline
+                                            or "returned" in ev):
                 lines.append("\\endpipeline")
                 in_pipeline = None
             if ev["kind"] == "begin":
@@ -530,7 +554,7 @@ class PgbenchScript:
             else:
                 table = self.table = (_TABLE.match(ev["statement"]) or [None, "q"])[1].lower()
                 rendered = [self._statement(ev["statement"], row) for row in ev["params"]]
-                if ev.get("pipeline") is not None:
+                if ev.get("pipeline") is not None and "returned" not in ev:
                     # Statements sent in one psycopg pipeline (one round trip), as they were.
                     if ev["pipeline"] != in_pipeline:
                         if in_pipeline is not None:
@@ -556,6 +580,8 @@ class PgbenchScript:
                 for column, value in (ev.get("returned") or {}).items():
                     if value is not None:
                         self.returned.append((table, column, value))
+        if in_pipeline is not None:
+            lines.append("\\endpipeline")
         kinds = [e["kind"] for e in self.capture["events"]]
         if "commit" in kinds and kinds[0] != "begin":
             raise SystemExit(f"captured statements outside the transaction: {kinds}")
@@ -877,8 +903,11 @@ def render_section(res: dict, carried: list[str]) -> str:
     lines += [SQL_HEADING, "",
               "The write path's own statements, captured by wrapping psycopg's cursor around "
               "one real request: statement text exactly as sent; psycopg prepares statements "
-              "after 5 uses (hence `-M prepared`) and runs `executemany` as one pipeline "
-              "(hence `\\startpipeline`). Values are the captured ones except the user id "
+              "after 5 uses (hence `-M prepared`); what the write path sent in one psycopg "
+              "pipeline is between `\\startpipeline` and `\\endpipeline`. A statement "
+              "whose RETURNING row is read stays outside (pgbench's `\\gset` cannot be "
+              "pipelined), so pgbench sends BEGIN on a round trip of its own where the API "
+              "sends it with the UPDATE. Values are the captured ones except the user id "
               "(`:uid`), the verification id (`:vid`, unique per transaction), values "
               "RETURNed by earlier statements (`\\gset`) and timestamps (`now()` plus the "
               "captured offset). Strings derived from those (notification text and link, "

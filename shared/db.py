@@ -1,6 +1,7 @@
 """The SQLAlchemy handle both services bind to their Flask app, and dialect tweaks."""
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -79,7 +80,7 @@ def is_postgres(conn_or_engine) -> bool:
 
 
 class RawSql:
-    """Fixed SQL on the DBAPI connection beneath a SQLAlchemy ``Connection``: the hot path.
+    """Fixed SQL on a DBAPI connection: the ledger's hot path.
 
     The ledger's statements never change shape, so building them as SQLAlchemy Core on every
     call cost more CPU than the database spent running them. Here they are plain text run on
@@ -89,14 +90,74 @@ class RawSql:
     IntegrityError is raised as SQLAlchemy's, as if the statement had gone through Core.
     """
 
-    def __init__(self, conn):
-        self.sqlite = conn.dialect.name == "sqlite"
-        self._integrity_error = conn.dialect.loaded_dbapi.IntegrityError
-        self._dbapi_conn = conn.connection.dbapi_connection
-        self._cur = self._dbapi_conn.cursor()
+    def __init__(self, conn=None, *, dbapi_conn=None, dialect=None):
+        """Statements inside a SQLAlchemy ``Connection``'s transaction (``conn``), or on a
+        bare DBAPI connection (see ``transaction``)."""
+        if conn is not None:
+            dbapi_conn, dialect = conn.connection.dbapi_connection, conn.dialect
+        self.dialect = dialect.name
+        self.sqlite = self.dialect == "sqlite"
+        self._integrity_error = dialect.loaded_dbapi.IntegrityError
+        self._dbapi_conn = dbapi_conn
+        self._cur = dbapi_conn.cursor()
+
+    @classmethod
+    @contextmanager
+    def transaction(cls, engine):
+        """A write transaction on a pooled connection, committed when the block ends.
+
+        On Postgres it runs in psycopg's pipeline mode with BEGIN and COMMIT sent as plain
+        statements (the connection in autocommit meanwhile, so psycopg adds no BEGIN of
+        its own and does not sync before COMMIT): statements go out when a result is
+        needed (a ``fetchone``) or at the end, so BEGIN travels with the first read and
+        everything after the last read travels in one round trip with the COMMIT. On SQLite
+        it is BEGIN IMMEDIATE ... COMMIT, writers taking turns as everywhere else in txmon.
+        """
+        pooled = engine.raw_connection()
+        try:
+            sql = cls(dbapi_conn=pooled.dbapi_connection, dialect=engine.dialect)
+            run = sql._sqlite_transaction if sql.sqlite else sql._pg_transaction
+            try:
+                with run():
+                    yield sql
+            except sql._integrity_error as exc:
+                raise IntegrityError("(ledger transaction)", None, exc) from exc
+        except BaseException:
+            if not sql.sqlite and pooled.dbapi_connection.closed:
+                pooled.invalidate()  # broken: the pool must not hand it out again
+            raise
+        finally:
+            pooled.close()  # back to the pool
+
+    @contextmanager
+    def _pg_transaction(self):
+        pg = self._dbapi_conn
+        pg.autocommit = True
+        try:
+            with pg.pipeline():
+                self._cur.execute("BEGIN")
+                yield
+                self._cur.execute("COMMIT")
+        except BaseException:
+            if not pg.closed and pg.info.transaction_status != _PG_IDLE:
+                pg.execute("ROLLBACK")
+            raise
+        finally:
+            if not pg.closed:
+                pg.autocommit = False  # as SQLAlchemy's pool expects it
+
+    @contextmanager
+    def _sqlite_transaction(self):
+        self._cur.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._cur.execute("ROLLBACK")
+            raise
+        self._cur.execute("COMMIT")
 
     def execute(self, sql: str, params=()):
-        """Run ``sql``; returns the DBAPI cursor (fetchone/fetchall)."""
+        """Run (or, in pipeline mode, queue) ``sql``; returns the DBAPI cursor."""
         if self.sqlite:
             sql, params = _qmark(sql), [_sqlite_param(p) for p in params]
         try:
@@ -116,6 +177,21 @@ class RawSql:
                 yield
         except self._integrity_error as exc:
             raise IntegrityError("(pipeline)", None, exc) from exc
+
+
+_PG_IDLE = 0  # psycopg.pq.TransactionStatus.IDLE, without importing psycopg on SQLite
+
+
+def _not_the_echo_of_a_raised_error(record: logging.LogRecord) -> bool:
+    """Drop psycopg's warning that closing a pipeline failed with "pipeline aborted" while
+    another error was leaving the block: that error (say, the unique violation of a
+    replayed purchase) is what the caller gets and handles; the warning only repeats it."""
+    args = record.args if isinstance(record.args, tuple) else ()
+    return not (record.msg.startswith("error ignored terminating") and len(args) == 2
+                and type(args[1]).__name__ == "PipelineAborted")
+
+
+logging.getLogger("psycopg").addFilter(_not_the_echo_of_a_raised_error)
 
 
 @lru_cache(maxsize=64)

@@ -90,35 +90,36 @@ _UPDATES = {(dialect, funded): _UPDATE.format(
 _INSERT_TX = ("INSERT INTO transactions (id, user_id, seq, amount_cents, balance_after_cents, type,"
               " status, description, service, verification_id, reference, created_at)"
               " VALUES (%s, %s, %s, %s, %s, %s, 'completed', %s, %s, %s, %s, %s)")
+_BALANCE = "SELECT balance_cents FROM accounts WHERE user_id = %s"
+_CLAIM = ("UPDATE verifications SET status = %s, status_reason = %s, updated_at = %s"
+          " WHERE id = %s AND status = 'pending' RETURNING id")
 _INSERT_VERIFICATION = (
     "INSERT INTO verifications (id, user_id, service_name, country, cost_cents, timeout_seconds,"
     " status, created_at, expires_at, updated_at, charge_transaction_id)"
     " VALUES (%s, %s, %s, %s, %s, %s, 'pending', %s, %s, %s, %s)")
 
 
-def _post(conn, *, user_id: str, amount_cents: int, tx: dict, notification, now: datetime,
-          require_funds: bool = False, extra_outbox=(), then=None) -> dict:
-    """Move ``amount_cents`` on the account inside ``conn``'s transaction.
+def _post(sql: RawSql, *, user_id: str, amount_cents: int, tx: dict, notification,
+          now: datetime, require_funds: bool = False, extra_outbox=(), then=None) -> dict:
+    """Move ``amount_cents`` on the account inside ``sql``'s transaction (RawSql.transaction).
 
-    Fixed SQL on the driver's cursor (shared.db.RawSql). The UPDATE ... RETURNING locks
-    the account row and hands back the balance, the seq and the new rows' ids; then the
-    transaction, its notification, the outbox rows and ``then(sql, tx)`` (the caller's own
-    statements) go out in one pipeline. Until the caller's COMMIT the row lock is held for
-    that one round trip, not one per statement. Returns the transaction. Raises NotFound /
-    InsufficientFunds with nothing written (the caller rolls back); a unique violation
-    surfaces as IntegrityError.
+    The UPDATE ... RETURNING locks the account row and hands back the balance, the seq and
+    the new rows' ids; the transaction, its notification, the outbox rows and
+    ``then(sql, tx)`` (the caller's own statements) read nothing back, so on Postgres they
+    leave in one round trip with the COMMIT: the row lock is held for that round trip, not
+    one per statement. Returns the transaction. Raises NotFound / InsufficientFunds with
+    nothing written (the transaction rolls back); a unique violation surfaces as
+    IntegrityError when the transaction ends.
     """
-    sql = RawSql(conn)
-    update = _UPDATES[conn.dialect.name, require_funds]
+    update = _UPDATES[sql.dialect, require_funds]
     params = (amount_cents, now, user_id) + ((-amount_cents,) if require_funds else ())
     row = sql.execute(update, params).fetchone()
     if row is None:
-        balance = conn.execute(select(accounts.c.balance_cents)
-                               .where(accounts.c.user_id == user_id)).scalar()
-        if balance is None:
+        found = sql.execute(_BALANCE, (user_id,)).fetchone()
+        if found is None:
             raise NotFound(f"No account for user {user_id}.")
         raise InsufficientFunds("The balance does not cover this purchase.",
-                                {"balance_cents": balance, "required_cents": -amount_cents})
+                                {"balance_cents": found[0], "required_cents": -amount_cents})
     balance, seq, threshold, tx_id, note_id = row
     values = dict(tx, id=tx_id, user_id=user_id, seq=seq, amount_cents=amount_cents,
                   status="completed", balance_after_cents=balance, created_at=now)
@@ -128,23 +129,21 @@ def _post(conn, *, user_id: str, amount_cents: int, tx: dict, notification, now:
     rows.append(outbox.message(outbox.PUBLISH_BALANCE, user_id, now, transaction_id=tx_id,
                                message=realtime.balance_update(data, now.isoformat())))
     rows.append(outbox.message(outbox.CHECK_ALERTS, user_id, now, transaction_id=tx_id))
-    low = None
-    if amount_cents < 0 and balance - amount_cents >= threshold > balance:
-        low = notifications.for_low_balance(balance, threshold)
     rows.extend(extra_outbox)
-    with sql.pipeline():
-        sql.execute(_INSERT_TX, (tx_id, user_id, seq, amount_cents, balance, tx["type"],
-                                 tx["description"], tx["service"], tx["verification_id"],
-                                 tx["reference"], now))
-        notifications.insert_notification(sql, user_id=user_id, content=notification(balance),
-                                          now=now, transaction_id=tx_id, notification_id=note_id)
-        if low is not None:  # rare: its id comes from the database, ending the batch early
-            low_id = notifications.insert_notification(sql, user_id=user_id, now=now,
-                                                       content=low)
-            rows.extend(outbox.notification_messages(low_id, user_id, now))
-        outbox.write(sql, rows)
-        if then is not None:
-            then(sql, values)
+    sql.execute(_INSERT_TX, (tx_id, user_id, seq, amount_cents, balance, tx["type"],
+                             tx["description"], tx["service"], tx["verification_id"],
+                             tx["reference"], now))
+    notifications.insert_notification(sql, user_id=user_id, content=notification(balance),
+                                      now=now, transaction_id=tx_id, notification_id=note_id)
+    if amount_cents < 0 and balance - amount_cents >= threshold > balance:
+        # Rare: this id is read back, which sends what is queued so far.
+        low_id = notifications.insert_notification(
+            sql, user_id=user_id, now=now,
+            content=notifications.for_low_balance(balance, threshold))
+        rows.extend(outbox.notification_messages(low_id, user_id, now))
+    outbox.write(sql, rows)
+    if then is not None:
+        then(sql, values)
     return data
 
 
@@ -173,8 +172,8 @@ def record_credit(*, user_id: str, amount_cents: int, payment_id: str,
           "description": description or "Credit top-up", "service": None,
           "verification_id": None}
     try:
-        with _engine().begin() as conn:
-            values = _post(conn, user_id=user_id, amount_cents=amount_cents, tx=tx, now=now,
+        with RawSql.transaction(_engine()) as sql:
+            values = _post(sql, user_id=user_id, amount_cents=amount_cents, tx=tx, now=now,
                            notification=lambda bal: notifications.for_credit(amount_cents, bal))
     except IntegrityError:
         existing = _by_reference("credit", payment_id)
@@ -196,8 +195,8 @@ def apply_adjustment(*, user_id: str, amount_cents: int, reason: str,
     tx = {"type": "adjustment", "reference": idempotency_key, "description": reason,
           "service": None, "verification_id": None}
     try:
-        with _engine().begin() as conn:
-            values = _post(conn, user_id=user_id, amount_cents=amount_cents, tx=tx, now=now,
+        with RawSql.transaction(_engine()) as sql:
+            values = _post(sql, user_id=user_id, amount_cents=amount_cents, tx=tx, now=now,
                            notification=lambda bal: notifications.for_adjustment(
                                amount_cents, bal, reason))
     except IntegrityError:
@@ -244,8 +243,8 @@ def charge_verification(*, verification_id: str, user_id: str, service_name: str
     expire = outbox.message(outbox.EXPIRE_VERIFICATION, user_id, now, available_at=expires_at,
                             verification_id=verification_id)
     try:
-        with _engine().begin() as conn:
-            values = _post(conn, user_id=user_id, amount_cents=-cost_cents, tx=tx, now=now,
+        with RawSql.transaction(_engine()) as sql:
+            values = _post(sql, user_id=user_id, amount_cents=-cost_cents, tx=tx, now=now,
                            require_funds=True, extra_outbox=[expire], then=insert_verification,
                            notification=lambda bal: notifications.for_purchase(
                                cost_cents, bal, service_name, verification_id))
@@ -333,13 +332,10 @@ def refund_verification(*, verification_id: str, status: str,
 
     if ver.status == "pending":
         try:
-            with _engine().begin() as conn:
-                claimed = conn.execute(update(verifications).where(
-                    verifications.c.id == verification_id, verifications.c.status == "pending",
-                ).values(status=status, status_reason=reason, updated_at=now)).rowcount
-                if claimed != 1:
+            with RawSql.transaction(_engine()) as sql:
+                if sql.execute(_CLAIM, (status, reason, now, verification_id)).fetchone() is None:
                     raise _LostRace()
-                values = _post(conn, user_id=ver.user_id, amount_cents=ver.cost_cents, tx=tx,
+                values = _post(sql, user_id=ver.user_id, amount_cents=ver.cost_cents, tx=tx,
                                now=now, then=link_refund,
                                notification=lambda bal: notifications.for_refund(
                                    ver.cost_cents, bal, ver.service_name, why))

@@ -1,0 +1,101 @@
+"""shared.db.RawSql.transaction: the ledger's driver-level transactions (both databases).
+
+On Postgres BEGIN and COMMIT are plain statements in a psycopg pipeline, the connection in
+autocommit meanwhile; whatever happens inside, the connection must go back to the pool
+idle and in SQLAlchemy's usual (non-autocommit) mode, and a failed block must leave
+nothing behind.
+"""
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
+
+from shared import ledger
+from shared.db import RawSql, db
+from shared.errors import IdempotencyMismatch, InsufficientFunds, NotFound
+
+pytestmark = pytest.mark.smoke
+
+
+def _count(sql_text: str, **params) -> int:
+    with db.engine.connect() as conn:
+        return conn.execute(text(sql_text), params).scalar_one()
+
+
+def _assert_pool_clean() -> None:
+    """Every connection the pool holds is idle and not in autocommit."""
+    pool = db.engine.pool
+    held = [db.engine.raw_connection() for _ in range(pool.checkedin())]
+    try:
+        for pooled in held:
+            conn = pooled.dbapi_connection
+            if db.engine.dialect.name == "postgresql":
+                assert conn.autocommit is False
+                assert conn.info.transaction_status == 0  # IDLE
+            else:
+                assert not conn.in_transaction
+    finally:
+        for pooled in held:
+            pooled.close()
+
+
+def test_block_that_raises__rolls_back_everything(app, api):
+    api.account("raw-a", 500)
+    with app.app_context(), pytest.raises(RuntimeError):
+        with RawSql.transaction(db.engine) as sql:
+            sql.execute("UPDATE accounts SET balance_cents = 0 WHERE user_id = %s", ("raw-a",))
+            assert sql.execute("SELECT balance_cents FROM accounts WHERE user_id = %s",
+                               ("raw-a",)).fetchone()[0] == 0
+            raise RuntimeError("the caller gives up")
+    with app.app_context():
+        assert _count("SELECT balance_cents FROM accounts WHERE user_id = 'raw-a'") == 500
+        _assert_pool_clean()
+
+
+def test_unique_violation__integrity_error_and_nothing_written(app, api):
+    api.account("raw-b", 500)
+    with app.app_context(), pytest.raises(IntegrityError):
+        with RawSql.transaction(db.engine) as sql:
+            sql.execute("UPDATE accounts SET balance_cents = 1 WHERE user_id = %s", ("raw-b",))
+            sql.execute("INSERT INTO accounts (user_id, balance_cents, currency, last_seq,"
+                        " low_balance_threshold_cents, created_at, updated_at)"
+                        " SELECT user_id, 0, currency, 0, 0, created_at, updated_at"
+                        " FROM accounts WHERE user_id = %s", ("raw-b",))
+    with app.app_context():
+        assert _count("SELECT balance_cents FROM accounts WHERE user_id = 'raw-b'") == 500
+        _assert_pool_clean()
+
+
+def test_ledger_failures_leave_the_pool_clean(app, api):
+    """Replays (unique violations at COMMIT), refusals and mismatches, many times over."""
+    api.account("raw-c", 1_000)
+    with app.app_context():
+        _ledger_failures()
+
+
+def _ledger_failures() -> None:
+    first = ledger.charge_verification(verification_id="raw-v", user_id="raw-c",
+                                       service_name="X", country="US", cost_cents=400,
+                                       timeout_seconds=60)
+    for _ in range(12):
+        replay = ledger.charge_verification(verification_id="raw-v", user_id="raw-c",
+                                            service_name="X", country="US", cost_cents=400,
+                                            timeout_seconds=60)
+        assert not replay.created and replay.transaction == first.transaction
+        with pytest.raises(IdempotencyMismatch):
+            ledger.charge_verification(verification_id="raw-v", user_id="raw-c",
+                                       service_name="X", country="US", cost_cents=401,
+                                       timeout_seconds=60)
+        with pytest.raises(InsufficientFunds):
+            ledger.charge_verification(verification_id="raw-big", user_id="raw-c",
+                                       service_name="X", country="US", cost_cents=5_000,
+                                       timeout_seconds=60)
+        with pytest.raises(NotFound):
+            ledger.record_credit(user_id="raw-nobody", amount_cents=5, payment_id="raw-p")
+    assert _count("SELECT balance_cents FROM accounts WHERE user_id = 'raw-c'") == 600
+    assert _count("SELECT count(*) FROM transactions WHERE user_id = 'raw-c'") == 2
+    _assert_pool_clean()
+    # and the pooled connections still work for the next movement
+    ledger.record_credit(user_id="raw-c", amount_cents=5, payment_id="raw-p2")
+    assert _count("SELECT balance_cents FROM accounts WHERE user_id = 'raw-c'") == 605
