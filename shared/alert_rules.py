@@ -1,6 +1,7 @@
 """Suspicious-activity rules, checked after each debit (and each adjustment).
 
-A rule is one function decorated with ``@rule``: it gets the committed transaction and the
+A rule is one function decorated with ``@rule``: it gets the committed transaction (a row of
+the transactions table: ORM object or Core row, attributes only) and the
 app config and returns a ``Finding`` or None. Adding a rule means adding one function here.
 Dedup: a finding's ``dedup_key`` is unique in the alerts table, and per-user rules marked
 ``once_while_open`` are skipped while an earlier alert of theirs is still open, so one
@@ -37,7 +38,7 @@ def rule(fn: Callable) -> Callable:
 
 
 @rule
-def large_deduction(tx: Transaction, config) -> Finding | None:
+def large_deduction(tx, config) -> Finding | None:
     """A single debit larger than TXMON_ALERT_LARGE_DEBIT_CENTS."""
     limit = config["ALERT_LARGE_DEBIT_CENTS"]
     if tx.amount_cents < 0 and -tx.amount_cents > limit:
@@ -48,7 +49,7 @@ def large_deduction(tx: Transaction, config) -> Finding | None:
 
 
 @rule
-def rapid_transactions(tx: Transaction, config) -> Finding | None:
+def rapid_transactions(tx, config) -> Finding | None:
     """More than TXMON_ALERT_RAPID_COUNT transactions within TXMON_ALERT_RAPID_WINDOW_S."""
     window = config["ALERT_RAPID_WINDOW_S"]
     count = db.session.scalar(select(func.count()).select_from(Transaction).where(
@@ -63,7 +64,7 @@ def rapid_transactions(tx: Transaction, config) -> Finding | None:
 
 
 @rule
-def negative_balance(tx: Transaction, config) -> Finding | None:
+def negative_balance(tx, config) -> Finding | None:
     """The balance went below zero (only an adjustment can do that)."""
     if tx.balance_after_cents < 0:
         return Finding("negative_balance", f"negative_balance:{tx.user_id}:{tx.id}", {
@@ -72,7 +73,7 @@ def negative_balance(tx: Transaction, config) -> Finding | None:
 
 
 @rule
-def repeated_refunds(tx: Transaction, config) -> Finding | None:
+def repeated_refunds(tx, config) -> Finding | None:
     """Many refunds in the rapid window: a failing SMS provider or someone gaming refunds."""
     if tx.type != "verification_refund":
         return None
@@ -88,6 +89,6 @@ def repeated_refunds(tx: Transaction, config) -> Finding | None:
     return None
 
 
-def evaluate(tx: Transaction, config) -> list[Finding]:
+def evaluate(tx, config) -> list[Finding]:
     """Every rule's finding for ``tx``."""
     return [f for f in (r(tx, config) for r in RULES) if f is not None]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import lru_cache
 from datetime import datetime
 
 from shared.db import RawSql
@@ -85,27 +86,16 @@ def claim_and_dispatch(send, *, limit: int = 500, lease_s: int | None = None,
     """
     from datetime import timedelta
 
-    from sqlalchemy import and_, or_, select, update
-
     from shared.db import db, utcnow
 
-    o = outbox_table.c
     now = utcnow()
-    wanted = o.dispatched_at.is_(None)
+    params = {"now": now}
     if lease_s is not None:
-        stale = now - timedelta(seconds=lease_s)
-        wanted = or_(wanted, and_(o.completed_at.is_(None), o.available_at < stale,
-                                  o.dispatched_at < stale, o.attempts < MAX_ATTEMPTS))
-    if only:
-        wanted = and_(wanted, o.task.in_(only))
-    if skip:
-        wanted = and_(wanted, o.task.not_in(skip))
+        params["stale"] = now - timedelta(seconds=lease_s)
     with db.engine.begin() as conn:
-        q = (select(o.id, o.task, o.payload, o.available_at, o.attempts)
-             .where(wanted).order_by(o.id).limit(limit))
-        if conn.dialect.name == "postgresql":
-            q = q.with_for_update(skip_locked=True)
-        rows = conn.execute(q).all()
+        claim, mark = _claim_statements(conn.dialect.name, limit, lease_s is not None,
+                                        tuple(only or ()), tuple(skip or ()))
+        rows = conn.execute(claim, params).all()
         done = []
         for row in rows:
             if row.attempts:
@@ -117,12 +107,37 @@ def claim_and_dispatch(send, *, limit: int = 500, lease_s: int | None = None,
         flush = getattr(send, "flush", None)
         if flush is not None:
             flush()
-        if rows:
-            conn.execute(update(outbox_table).where(o.id.in_([r.id for r in rows]))
-                         .values(dispatched_at=now, attempts=o.attempts + 1))
-        if done:
-            conn.execute(update(outbox_table).where(o.id.in_(done)).values(completed_at=now))
+        if rows:  # dispatched, and completed already when ``send`` did the work itself
+            conn.execute(mark, {"now": now, "ids": [r.id for r in rows], "done": done})
     return len(rows)
+
+
+@lru_cache(maxsize=32)
+def _claim_statements(dialect: str, limit: int, leased: bool, only: tuple, skip: tuple):
+    """The claim's SELECT and UPDATE for one shape of pass, built once (building Core
+    statements on every pass cost the relay more CPU than running them)."""
+    from sqlalchemy import and_, bindparam, case, or_, select, update
+
+    o = outbox_table.c
+    wanted = o.dispatched_at.is_(None)
+    if leased:
+        stale = bindparam("stale")
+        wanted = or_(wanted, and_(o.completed_at.is_(None), o.available_at < stale,
+                                  o.dispatched_at < stale, o.attempts < MAX_ATTEMPTS))
+    if only:
+        wanted = and_(wanted, o.task.in_(only))
+    if skip:
+        wanted = and_(wanted, o.task.not_in(skip))
+    claim = (select(o.id, o.task, o.payload, o.available_at, o.attempts)
+             .where(wanted).order_by(o.id).limit(limit))
+    if dialect == "postgresql":
+        claim = claim.with_for_update(skip_locked=True)
+    now = bindparam("now")
+    mark = (update(outbox_table).where(o.id.in_(bindparam("ids", expanding=True)))
+            .values(dispatched_at=now, attempts=o.attempts + 1,
+                    completed_at=case((o.id.in_(bindparam("done", expanding=True)), now),
+                                      else_=o.completed_at)))
+    return claim, mark
 
 
 def mark_completed(outbox_id: int) -> None:

@@ -170,10 +170,11 @@ def test_email__recipient_refused_is_permanent__failed_without_retries(app, api,
     _ok(api.client.post("/api/v1/accounts/gone/credits", headers=api.service,
                         json={"amount_cents": 1000, "payment_id": "pg-1"}))
     worker = workers.start(smtp=smtp)
-    wait_until(lambda: worker.lines(r"Task txmon\.email\.send_notification\[.*\] "
+    wait_until(lambda: worker.lines(r"Task txmon\.notifications\.deliver_all\[.*\] "
                                     r"(succeeded|raised|retry)"),
-               timeout=30, message="the email task ran")
-    assert not worker.lines(r"Task txmon\.email\.send_notification\[.*\] retry")
+               timeout=30, message="the delivery task ran")
+    assert not worker.lines(r"Task txmon\.notifications\.deliver_all\[.*\] retry")
+    assert not worker.lines(r"Task txmon\.email\.send_notification\[")  # not handed on
     wait_until(lambda: set(email_statuses(app, "gone").values()) == {"failed"}, timeout=15,
                message=lambda: f"email_status failed (now {email_statuses(app, 'gone')}); "
                                f"worker: {worker.lines('send_notification.*raised')}")

@@ -112,8 +112,9 @@ def test_redis_stopped_during_traffic__api_keeps_working__nothing_lost(
                    message="the worker delivering before the outage")
         smtp.hold_next = 2
         wait_until(lambda: smtp.held == 2, timeout=30, message="both children inside SMTP DATA")
-        wait_until(lambda: _unfinished(worker, "txmon.email.send_notification") >= 4,
-                   timeout=30, message="email tasks taken by the worker and not yet started")
+        wait_until(lambda: _unfinished(worker, "txmon.notifications.deliver_all")
+                   + _unfinished(worker, "txmon.outbox.run_batch") >= 4,
+                   timeout=30, message="delivery tasks taken by the worker and not yet started")
 
         redis_server.stop()
         traffic.phase = "down"
@@ -155,11 +156,12 @@ def test_redis_stopped_during_traffic__api_keeps_working__nothing_lost(
     def stranded() -> str:
         left = sorted(i for i, st in email_statuses(app).items() if st == "pending")
         held = sorted(kw.get("notification_id") for task, kw in redis_server.unacked()
-                      if task == "txmon.email.send_notification"
+                      if task in ("txmon.notifications.deliver_all",
+                                  "txmon.email.send_notification")
                       and kw.get("notification_id") in left)
         all_held = Counter(task for task, _ in redis_server.unacked())
         return (f"notifications {left} still pending after Redis came back; Redis 'unacked' "
-                f"hash holds send_notification for {held} (taken by the worker before the "
+                f"hash holds deliveries for {held} (taken by the worker before the "
                 f"outage, restored only after the visibility timeout); all unacked: "
                 f"{dict(all_held)}")
 
@@ -204,11 +206,11 @@ def test_sigkill_worker_child_mid_email__sent_once_status_consistent(app, api, w
                                f"log tail:\n{worker.log()[-2500:]}")
     assert email_statuses(app, "kim")[nid] == "sent"
     # The killed attempt was redelivered (same task id received twice) and completed.
-    redelivered = {t: n for t, n in worker.received("txmon.email.send_notification").items()
+    redelivered = {t: n for t, n in worker.received("txmon.notifications.deliver_all").items()
                    if n > 1}
-    assert len(redelivered) == 1, worker.received("txmon.email.send_notification")
+    assert len(redelivered) == 1, worker.received("txmon.notifications.deliver_all")
     task_id = next(iter(redelivered))
-    assert worker.lines(rf"send_notification\[{task_id}\] succeeded .*'sent'")
+    assert worker.lines(rf"deliver_all\[{task_id}\] succeeded .*email=sent'")
     # SMTP delivery is at least once: the killed attempt's DATA had arrived, then the retry's.
     got = smtp.messages(to="kim@example.com", subject="txmon: Credits Added")
     assert 1 <= len(got) <= 2

@@ -12,7 +12,7 @@ from datetime import timedelta
 from celery import Celery
 from kombu import Queue
 
-from api_service import create_app
+from flask import Flask
 
 FAMILIES = ("outbox", "notifications", "email", "refunds", "alerts", "reconcile", "realtime")
 TASK_MODULES = [f"worker_service.tasks.{family}" for family in FAMILIES]
@@ -71,6 +71,25 @@ def make_celery(flask_app) -> Celery:
     return app
 
 
-flask_app = create_app()
+def create_worker_app(test_config: dict | None = None) -> Flask:
+    """The Flask app tasks run in: txmon's configuration and database, without the HTTP
+    service's routes, schemas and extensions (importing those cost every worker start
+    ~0.5 s, measured with -X importtime; tasks use only ``current_app.config`` and ``db``)."""
+    import logging
+
+    from shared.config import Config
+    from shared.db import db
+
+    app = Flask(__name__)
+    app.config.update(Config().as_dict())
+    if test_config:
+        app.config.update(test_config)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    db.init_app(app)
+    return app
+
+
+flask_app = create_worker_app()
 celery = make_celery(flask_app)
 app = celery

@@ -27,10 +27,18 @@ def _serve_metrics(port: int) -> None:
 
 
 def install(app) -> None:
-    """Serve metrics from the worker's main process; give each forked child its own pool."""
+    """Serve metrics from the worker's main process; give each forked child its own pool;
+    start workers without mingle."""
 
     @signals.worker_init.connect(weak=False)
-    def _worker_init(**_):
+    def _worker_init(sender=None, **_):
+        # No mingle at start-up: it waits a full second for other workers to share revoked
+        # task ids and clocks, and txmon revokes nothing (TXMON_WORKER_MINGLE=1 restores it).
+        if sender is not None and os.environ.get("TXMON_WORKER_MINGLE", "0") != "1":
+            sender.options["without_mingle"] = True
+        if sender is not None and getattr(sender, "concurrency", None):
+            # The pool's size, for the batch lanes of its children (tasks/outbox.py).
+            os.environ["TXMON_POOL_SIZE"] = str(sender.concurrency)
         port = int(os.environ.get("TXMON_WORKER_METRICS_PORT", "9808"))
         if port:
             try:

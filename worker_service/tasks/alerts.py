@@ -2,17 +2,22 @@
 from __future__ import annotations
 
 from flask import current_app
+from sqlalchemy import select
 
 from shared import alert_rules, alerts
 from shared.db import db
 from shared.models import Transaction
+
+transactions = Transaction.__table__
 from worker_service.celery_app import celery
 
 
 @celery.task(name="txmon.alerts.check_transaction")
 def check_transaction(transaction_id: int) -> list[str]:
     """Evaluate every rule; store (deduplicated) alerts; returns the rules that fired."""
-    tx = db.session.get(Transaction, transaction_id)
+    # A Core row (the rules read attributes only): no ORM identity-map work per check.
+    tx = db.session.connection().execute(
+        select(transactions).where(transactions.c.id == transaction_id)).first()
     if tx is None:
         return []
     fired = []

@@ -18,14 +18,14 @@ def send_notification(self, notification_id: int) -> str:
     try:
         return delivery.email(notification_id=notification_id)
     except PERMANENT as exc:  # e.g. the recipient is refused: retrying cannot help
-        return _give_up(notification_id, exc)
+        return give_up(notification_id, exc)
     except TRANSIENT as exc:
         if not self.retries_exhausted:
             raise
-        return _give_up(notification_id, exc)
+        return give_up(notification_id, exc)
 
 
-def _give_up(notification_id: int, exc: Exception) -> str:
+def give_up(notification_id: int, exc: Exception) -> str:
     """Mark the email failed; a refund's failure is CRITICAL and raises an admin alert."""
     delivery.mark_email_failed(notification_id=notification_id)
     n = db.session.get(Notification, notification_id)
