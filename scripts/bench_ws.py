@@ -802,6 +802,16 @@ def seed(url: str, ranges: list[tuple[int, int]]) -> None:
 PASS_THROUGH = ("TXMON_WEB_WORKERS", "TXMON_WEB_THREADS", "TXMON_WORKER_CONNECTIONS")
 
 
+def _pool_label() -> str:
+    """The API's SQLAlchemy pool per process, as shared/config.py sets it from the env."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from shared.config import engine_options
+
+    opts = engine_options("postgresql+psycopg://")
+    return f"{opts['pool_size']} + {opts['max_overflow']} overflow"
+
+
 def gunicorn_settings(env: dict, extra: list[str]) -> dict:
     """What gunicorn.conf.py (evaluated with ``env``) plus ``extra`` flags configure."""
     import runpy
@@ -1398,7 +1408,7 @@ def render(res: dict) -> str:
         f"- **Server**: `gunicorn -c gunicorn.conf.py api_service.wsgi:app` with "
         f"`TXMON_WORKER_CLASS=gevent` and the file's other defaults: "
         f"{settings_label(srv)} per worker ({srv.get('worker_connections_source')}) unless a "
-        "row says otherwise; DB pool 10 + 20 overflow per worker; access log off (`/dev/null`), "
+        f"row says otherwise; DB pool {_pool_label()} per worker; access log off (`/dev/null`), "
         "Prometheus multiprocess metrics on. One Celery worker (`celery -A "
         "worker_service.celery_app worker -c 2`) whose outbox relay thread (LISTEN/NOTIFY) "
         "publishes each balance update on Redis; the worker also runs each purchase's other "
@@ -1639,9 +1649,8 @@ def derive_notes(res: dict) -> list[str]:
                 "(\"Database unavailable: OperationalError\"): Postgres was out of connections "
                 f"(peak {pb.get('ours')} of this benchmark + {pb.get('others')} of other "
                 f"users, max_connections {res.get('pg', {}).get('max_connections')}). Under "
-                "gevent nothing but the SQLAlchemy pool (10 + 20 overflow per worker, i.e. up "
-                f"to {30 * res['workers']} for {res['workers']} workers) bounds the API's "
-                "concurrent database sessions.")
+                f"gevent the SQLAlchemy pool ({_pool_label()} per worker) and the admission "
+                "limit (TXMON_HTTP_CONCURRENCY) bound the API's concurrent database sessions.")
     gth = next((i for i in res.get("idle", []) if i["worker_class"] == "gthread"), None)
     if gth:
         g = gth["settings"]
