@@ -31,21 +31,23 @@ class Subscriber:
     def __init__(self, *, user_id: str | None, admin: bool = False, maxsize: int = 256,
                  on_slow=None):
         self.user_id, self.admin = user_id, admin
-        self.queue: queue.Queue = queue.Queue(maxsize)
+        # SimpleQueue, bounded here: every idle socket holds one, and Queue carries more
+        # (the standard one a mutex and three conditions, gevent's a join event).
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.maxsize = maxsize
         self.slow = False
         self.on_slow = on_slow
 
     def offer(self, item) -> bool:
         """Queue ``item`` without waiting; a full queue marks this subscriber slow."""
-        try:
+        if self.queue.qsize() < self.maxsize:
             self.queue.put_nowait(item)
             return True
-        except queue.Full:
-            if not self.slow:
-                self.slow = True
-                if self.on_slow is not None:
-                    self.on_slow()
-            return False
+        if not self.slow:
+            self.slow = True
+            if self.on_slow is not None:
+                self.on_slow()
+        return False
 
     def wake(self, item) -> None:
         """Queue a control item (resync, client input); if full, the slow flag already rules."""

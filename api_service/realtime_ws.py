@@ -111,29 +111,42 @@ def _whole_frames(ws) -> None:
         ws.sock = _SendAll(ws.sock)
 
 
-class _InputSignal(threading.Event):
+class _InputSignal:
     """Stands in for the websocket's ``event``, which simple-websocket's own reader thread
     sets when a message arrives or the connection ends: it also wakes the socket's pump.
 
     The pump then waits on one queue for everything (hub messages, client input, closing),
     so a socket costs no reader thread (a greenlet and its stack under gevent) of ours.
-    One wake-up stays queued at a time however fast the client sends.
+    One wake-up stays queued at a time however fast the client sends. After the swap the
+    handler reads only with ``receive(timeout=0)``, whose ``wait`` just asks whether
+    anything is there, so this needs no lock or condition of its own (less memory per
+    socket than a threading.Event).
     """
 
+    __slots__ = ("_sub", "_flag", "pending")
+
     def __init__(self, sub: Subscriber):
-        super().__init__()
-        self._sub = sub
-        self.pending = threading.Lock()
+        self._sub, self._flag, self.pending = sub, False, False
 
     def set(self) -> None:
-        super().set()
-        if self.pending.acquire(blocking=False):
+        self._flag = True
+        if not self.pending:
+            self.pending = True
             self._sub.wake(("input", None))
+
+    def clear(self) -> None:
+        self._flag = False
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def wait(self, timeout=None) -> bool:  # never blocks: see the class docstring
+        return self._flag
 
 
 def _answer_input(ws, signal: _InputSignal) -> bool:
     """Answer every text ping received so far; False once the client has gone."""
-    signal.pending.release()
+    signal.pending = False
     while True:
         data = ws.receive(timeout=0)  # raises ConnectionClosed once closed and drained
         if data is None:
