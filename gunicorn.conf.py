@@ -14,11 +14,9 @@ workers = int(os.environ.get("TXMON_WEB_WORKERS") or os.cpu_count() or 2)
 # cooperative once gunicorn's gevent worker has monkey-patched the standard library.
 worker_class = os.environ.get("TXMON_WORKER_CLASS", "gevent")
 worker_connections = int(os.environ.get("TXMON_WORKER_CONNECTIONS", "10000"))
-if worker_class == "gevent":
-    # psycopg picks wait_poll once gevent has patched select; gevent's poll builds its
-    # watchers afresh on every call. Its select (libev underneath, so no 1024-fd limit)
-    # costs about half as much per database round trip (measured: 48 vs 26 us of CPU).
-    os.environ.setdefault("PSYCOPG_WAIT_FUNC", "wait_select")
+# Under gevent psycopg waits with (patched) poll. Its wait_select is cheaper per round trip
+# but gevent's select still refuses descriptors >= 1024, which a process holding thousands
+# of websockets reaches at once: tests/test_gevent_db.py keeps it that way.
 threads = int(os.environ.get("TXMON_WEB_THREADS", "4"))  # used by the gthread class only
 timeout = 30
 graceful_timeout = 10
