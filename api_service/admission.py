@@ -6,9 +6,9 @@ that holds an account's row lock, which then holds it for longer, so every other
 of that account waits longer too (the hot-account case ran at half the rate of a sync
 worker). With a small limit, a gevent process runs requests much as a sync worker would,
 a few at a time, while it still holds thousands of idle websockets: the websocket routes
-(long-lived, mostly idle) are not counted. The limit is TXMON_HTTP_CONCURRENCY (0 turns
-it off); requests past it wait here, in arrival order, as they would in a sync worker's
-accept queue. See docs/DECISIONS.md.
+(long-lived, mostly idle), the probes and /metrics are not counted. The limit is
+TXMON_HTTP_CONCURRENCY (0 turns it off); requests past it wait here, in arrival order, as
+they would in a sync worker's accept queue. See docs/DECISIONS.md.
 """
 from __future__ import annotations
 
@@ -49,15 +49,21 @@ class FairSlots:
 
 
 class Admission:
-    """WSGI middleware: a fair semaphore around every request outside ``exempt_prefix``."""
+    """WSGI middleware: a fair semaphore around every request outside ``exempt``.
 
-    def __init__(self, app, limit: int, exempt_prefix: str = "/ws/"):
+    Exempt: the websocket routes (long-lived, mostly idle) and the probes and metrics,
+    which must answer while requests queue (a liveness probe stuck behind them would get a
+    busy but healthy process restarted).
+    """
+
+    def __init__(self, app, limit: int,
+                 exempt: tuple[str, ...] = ("/ws/", "/healthz", "/readyz", "/metrics")):
         self.app = app
-        self.exempt_prefix = exempt_prefix
+        self.exempt = exempt
         self.slots = FairSlots(limit)  # threading is gevent-patched there: cooperative
 
     def __call__(self, environ, start_response):
-        if environ.get("PATH_INFO", "").startswith(self.exempt_prefix):
+        if environ.get("PATH_INFO", "").startswith(self.exempt):
             return self.app(environ, start_response)
         with self.slots:
             body = self.app(environ, start_response)

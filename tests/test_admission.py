@@ -57,12 +57,14 @@ def test_at_most_limit_requests_run_at_once(limit):
     assert inner.closed == 48  # the body's close() still runs (WSGI)
 
 
-def test_websocket_paths_are_not_counted():
-    """A socket's handler runs for as long as the client stays: it must never hold a slot."""
+@pytest.mark.parametrize("path", ["/ws/balance", "/healthz", "/readyz", "/metrics"])
+def test_websockets_probes_and_metrics_are_not_counted(path):
+    """A socket's handler runs for as long as the client stays, and probes must answer
+    while requests queue: none of them may wait for (or hold) a slot."""
     inner = Overlap()
     app = Admission(inner, 1)
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda i: _call(app, "/ws/balance"), range(8)))
+        list(pool.map(lambda i: _call(app, path), range(8)))
     assert inner.most > 1
 
 
