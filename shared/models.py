@@ -15,7 +15,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import (JSON, BigInteger, Boolean, CheckConstraint, ForeignKey, Index, Integer,
-                        String, Text, UniqueConstraint, text)
+                        String, UniqueConstraint, text)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import UTCDateTime, db

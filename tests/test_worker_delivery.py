@@ -223,8 +223,6 @@ def test_batch__failing_row_sent_on_alone__others_done__nothing_lost(app, api, w
     """Rows committed before the worker starts go out in batches; one row whose task cannot
     run (a payload its task does not accept) fails in the batch, is sent on as its own task,
     fails there for good, and its row is completed (not sent forever); the others ran."""
-    from sqlalchemy import insert
-
     from shared import outbox
     from shared.db import db, utcnow
 
