@@ -114,6 +114,7 @@ class RawSql:
         it is BEGIN IMMEDIATE ... COMMIT, writers taking turns as everywhere else in txmon.
         """
         pooled = engine.raw_connection()
+        dbapi_error = engine.dialect.loaded_dbapi.Error
         try:
             sql = cls(dbapi_conn=pooled.dbapi_connection, dialect=engine.dialect)
             run = sql._sqlite_transaction if sql.sqlite else sql._pg_transaction
@@ -122,12 +123,18 @@ class RawSql:
                     yield sql
             except sql._integrity_error as exc:
                 raise IntegrityError("(ledger transaction)", None, exc) from exc
-        except BaseException:
-            if not sql.sqlite and pooled.dbapi_connection.closed:
-                pooled.invalidate()  # broken: the pool must not hand it out again
+        except BaseException as exc:
+            if engine.dialect.name != "sqlite" and (
+                    pooled.dbapi_connection.closed
+                    or isinstance(exc, dbapi_error) or isinstance(exc.__cause__, dbapi_error)):
+                # A database error aborts the rest of the pipeline, and psycopg can be left
+                # believing a statement it sent there was prepared when the server skipped
+                # it ("prepared statement ... does not exist" later). Such errors are rare
+                # (a replayed purchase): the connection is dropped, the pool opens another.
+                pooled.invalidate()
             raise
         finally:
-            pooled.close()  # back to the pool
+            pooled.close()  # back to the pool (after invalidate: closed for good)
 
     @contextmanager
     def _pg_transaction(self):

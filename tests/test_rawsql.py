@@ -99,3 +99,34 @@ def _ledger_failures() -> None:
     # and the pooled connections still work for the next movement
     ledger.record_credit(user_id="raw-c", amount_cents=5, payment_id="raw-p2")
     assert _count("SELECT balance_cents FROM accounts WHERE user_id = 'raw-c'") == 605
+
+
+def test_failed_pipelines_then_success__prepared_statements_stay_in_step(app, api):
+    """A statement psycopg decides to prepare in the part of a pipeline that an error
+    aborted was never prepared on the server; the next use of it on that connection must
+    not fail with "prepared statement ... does not exist" (found by the fuzz run)."""
+    from sqlalchemy import create_engine
+
+    with app.app_context():
+        url = db.engine.url
+    if url.get_backend_name() != "postgresql":
+        pytest.skip("pipelines and prepared statements are Postgres-only")
+    api.account("raw-prep", 100)
+    engine = create_engine(url, pool_size=1, max_overflow=0)  # one connection
+    bump = "UPDATE accounts SET last_seq = last_seq WHERE user_id = %s RETURNING balance_cents"
+    clash = ("INSERT INTO accounts (user_id, balance_cents, currency, last_seq,"
+             " low_balance_threshold_cents, created_at, updated_at)"
+             " VALUES (%s, 0, 'USD', 0, 0, now(), now())")
+    after = "SELECT count(*) FROM accounts WHERE user_id = %s"
+    try:
+        for attempt in range(12):  # past psycopg's prepare threshold for every statement
+            with pytest.raises(IntegrityError):
+                with RawSql.transaction(engine) as sql:
+                    assert sql.execute(bump, ("raw-prep",)).fetchone()[0] == 100
+                    sql.execute(clash, ("raw-prep",))  # duplicate key: aborts the rest
+                    sql.execute(after, ("raw-prep",))
+            with RawSql.transaction(engine) as sql:
+                assert sql.execute(bump, ("raw-prep",)).fetchone()[0] == 100
+                assert sql.execute(after, ("raw-prep",)).fetchone()[0] == 1, attempt
+    finally:
+        engine.dispose()
