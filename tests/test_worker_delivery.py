@@ -188,8 +188,8 @@ def test_smtp_connection__reused__survives_a_dropped_connection_and_a_refusal(li
     assert len(smtp.messages(to="d@example.com")) == 1
 
 
-def test_relay_sender__batches_per_queue_singletons_and_etas_alone(live):
-    from datetime import datetime, timezone
+def test_relay_sender__batches_per_queue_and_per_eta_slot__singletons_alone(live):
+    from datetime import datetime, timedelta, timezone
 
     from worker_service import relay
 
@@ -200,23 +200,66 @@ def test_relay_sender__batches_per_queue_singletons_and_etas_alone(live):
             sent.append((name, queue, eta, kwargs))
 
     sender = relay.Sender(FakeCelery(), batch_max=3)
-    eta = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    slot = datetime(2030, 1, 1, tzinfo=timezone.utc)  # a whole second: the start of a slot
+    ms = timedelta(milliseconds=1)
+    expire = "txmon.refunds.expire_verification"
     with live.app_context():
         for i in range(4):
             assert sender("txmon.notifications.deliver_all", {"notification_id": i,
                                                               "outbox_id": i}, None) is False
         sender("txmon.alerts.check_transaction", {"transaction_id": 9, "outbox_id": 10}, None)
-        sender("txmon.refunds.expire_verification", {"verification_id": "v", "outbox_id": 11},
-               eta)
-        assert [s[0] for s in sent] == ["txmon.outbox.run_batch",
-                                        "txmon.refunds.expire_verification"]
+        assert [s[0] for s in sent] == ["txmon.outbox.run_batch"]
+        # Countdown rows: three in one ETA slot fill a group (sent at once, at the latest
+        # ETA of the three, whatever the order they came in), a fourth of that slot starts
+        # the next group, and one in the next slot is its own.
+        for oid, eta in ((11, slot + 300 * ms), (12, slot + 900 * ms), (13, slot + 10 * ms),
+                         (14, slot + 999 * ms), (15, slot + 1000 * ms)):
+            assert sender(expire, {"verification_id": f"v{oid}", "outbox_id": oid}, eta) is False
+        assert len(sent) == 2
+        assert sent[1][:3] == ("txmon.outbox.run_batch", "refunds", slot + 900 * ms)
+        assert [kw["outbox_id"] for _, kw in sent[1][3]["items"]] == [11, 12, 13]
         sender.flush()
     assert sent[0][1] == "notifications"
     assert [kw["outbox_id"] for _, kw in sent[0][3]["items"]] == [0, 1, 2]
-    assert sent[1][2] == eta
-    # What flush sent: one row left per queue, each as its own task (no batch of one).
-    assert sorted((s[0], s[3]["outbox_id"]) for s in sent[2:]) == [
-        ("txmon.alerts.check_transaction", 10), ("txmon.notifications.deliver_all", 3)]
+    assert sent[0][2] is None
+    # What flush sent: one row left per group, each as its own task (no batch of one),
+    # the countdown rows with their own ETA.
+    assert sorted((s[0], s[3]["outbox_id"], s[2]) for s in sent[2:]) == [
+        ("txmon.alerts.check_transaction", 10, None),
+        ("txmon.notifications.deliver_all", 3, None),
+        (expire, 14, slot + 999 * ms), (expire, 15, slot + 1000 * ms)]
+
+
+def test_countdown_batch__refunds_each_row_at_its_expiry__nothing_early(app, api, workers):
+    """Four purchases committed before any worker runs, with the shortest timeout (10 s): the relay
+    claims their countdown rows in one pass on start and sends those in one ETA slot as one
+    countdown task (at least two of the four share a slot). Every verification is refunded
+    once, never before its expires_at."""
+    from datetime import datetime
+
+    from tests.helpers import invariant_violations
+
+    users = [f"cb{i}" for i in range(4)]
+    expiry = {}
+    for i, u in enumerate(users):
+        api.account(u, 1000)
+        r = _ok(api.purchase(u, 100, vid=f"v-cb{i}", timeout_seconds=10))
+        expiry[f"v-cb{i}"] = datetime.fromisoformat(r["verification"]["expires_at"])
+    worker = workers.start()
+    wait_until(lambda: scalar(app, "SELECT count(*) FROM verifications WHERE id LIKE 'v-cb%' "
+                                   "AND status = 'timed_out'") == 4,
+               timeout=40, message=lambda: f"all four refunded; log:\n{worker.log()[-2000:]}")
+    refunds = rows(app, "SELECT verification_id, created_at FROM transactions "
+                        "WHERE verification_id LIKE 'v-cb%' AND type = 'verification_refund'")
+    assert sorted(r["verification_id"] for r in refunds) == sorted(expiry)
+    for r in refunds:
+        assert r["created_at"] >= expiry[r["verification_id"]]
+    for u in users:
+        assert scalar(app, f"SELECT balance_cents FROM accounts WHERE user_id = '{u}'") == 1000
+    # Rows run inside a batch are logged with their outbox row instead of a task id.
+    assert len(worker.lines(r"Task txmon\.refunds\.expire_verification\[outbox:\d+\] "
+                            r"succeeded")) >= 2, worker.log()[-3000:]
+    assert invariant_violations(app) == []
 
 
 def test_batch__failing_row_sent_on_alone__others_done__nothing_lost(app, api, workers, smtp):
