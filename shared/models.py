@@ -77,6 +77,9 @@ class Transaction(db.Model):
               postgresql_where=text("reference IS NOT NULL"),
               sqlite_where=text("reference IS NOT NULL")),
         Index("ix_transactions_created_at", "created_at"),
+        # The alert rules count one user's transactions in a time window after every debit:
+        # a range of this index instead of all the user's rows (or everyone's in the window).
+        Index("ix_transactions_user_created", "user_id", "created_at"),
     )
 
 
