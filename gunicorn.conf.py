@@ -14,9 +14,10 @@ workers = int(os.environ.get("TXMON_WEB_WORKERS") or os.cpu_count() or 2)
 # cooperative once gunicorn's gevent worker has monkey-patched the standard library.
 worker_class = os.environ.get("TXMON_WORKER_CLASS", "gevent")
 worker_connections = int(os.environ.get("TXMON_WORKER_CONNECTIONS", "10000"))
-# Under gevent psycopg waits with (patched) poll; keep it so. Its wait_select is no cheaper
-# (measured) and gevent's select refuses descriptors >= 1024, which a process holding
-# thousands of websockets reaches at once: tests/test_gevent_db.py checks queries there.
+# Under gevent the app makes psycopg wait with shared/gevent_pg.py (a real poll(0), then one
+# io watcher on gevent's loop): psycopg's own fallback on the patched poll cost ~0.3 ms of
+# CPU more per purchase. Never select: gevent's refuses descriptors >= 1024, which a process
+# holding thousands of websockets reaches at once (tests/test_gevent_db.py).
 threads = int(os.environ.get("TXMON_WEB_THREADS", "4"))  # used by the gthread class only
 timeout = 30
 graceful_timeout = 10

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 import os
 
 import click
@@ -37,6 +38,10 @@ def create_app(test_config: dict | None = None) -> Flask:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
+    if "gevent.monkey" in sys.modules:  # a gevent worker: psycopg waits on gevent's loop
+        from shared import gevent_pg
+
+        gevent_pg.install()
     db.init_app(app)
     migrate.init_app(app, db)
     limiter.init_app(app)
