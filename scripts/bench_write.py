@@ -8,7 +8,8 @@ One run (``scripts/bench_write``, about 4 minutes with the defaults):
 2. captures the exact statements one real request executes (in-process, by wrapping
    psycopg's cursor, so SQLAlchemy or raw psycopg alike; values and RETURNING rows too) and
    turns them into a pgbench script: same statement text, same order, the same transaction,
-   the same pipelines (psycopg pipeline mode, executemany), RETURNING values fed to later
+   the same round trips (statements sent as one message, psycopg pipelines, executemany:
+   pgbench pipelines), RETURNING values fed to later
    statements with ``\\gset``;
 3. serves the API exactly as gunicorn.conf.py configures it (defaults unless TXMON_WEB_* are
    given) and loads it with wrk (scripts/bench/verifications.lua: unique verification ids)
@@ -347,6 +348,8 @@ def capture_main(args) -> None:
     def execute(self, query, params=None, **kw):
         statement = text_of(query, self.connection)
         pipeline = getattr(self.connection, "_bench_pipeline", None)
+        if "; " in statement:
+            return compound(self, query, statement, params, **kw)
         verb = statement.strip().upper()
         if verb in ("BEGIN", "COMMIT", "ROLLBACK"):  # sent as statements (autocommit)
             events.append({"kind": {"BEGIN": "begin", "COMMIT": "commit"}.get(verb, verb.lower()),
@@ -360,6 +363,25 @@ def capture_main(args) -> None:
                      lambda: orig["execute"](self, query, params, **kw), at=len(events) - 1)
         returned(self, ev)  # in pipeline mode the result comes with the fetch instead
         return out
+
+    def compound(self, query, statement, params, **kw):
+        """Several statements sent as one message (shared.db.RawSql's ledger transaction,
+        client-side binding): recorded one by one, as one round trip (like a pipeline);
+        the last one's result is what a fetch reads."""
+        rest = list(params or ())
+        trip = next(pipelines)
+        for text in statement.split("; "):
+            n = len(re.findall(r"(?<!%)%s", text))
+            mine, rest = rest[:n], rest[n:]
+            verb = text.strip().upper()
+            if verb in ("BEGIN", "COMMIT"):
+                events.append({"kind": verb.lower(), "pipeline": trip})
+                continue
+            ev = {"kind": "execute", "statement": text, "executemany": False,
+                  "params": [tagged(mine)], "pipeline": trip}
+            events.append(ev)
+            last_event[id(self)] = ev
+        return orig["execute"](self, query, params, **kw)
 
     def fetchone(self):
         row = orig["fetchone"](self)
@@ -902,9 +924,11 @@ def render_section(res: dict, carried: list[str]) -> str:
             lines += [block.rstrip(), ""]
     lines += [SQL_HEADING, "",
               "The write path's own statements, captured by wrapping psycopg's cursor around "
-              "one real request: statement text exactly as sent; psycopg prepares statements "
-              "after 5 uses (hence `-M prepared`); what the write path sent in one psycopg "
-              "pipeline is between `\\startpipeline` and `\\endpipeline`. A statement "
+              "one real request: statement text exactly as sent. The ledger's transaction "
+              "sends its statements as two messages (simple query protocol, parameters bound "
+              "on the client: shared/db.py RawSql); pgbench sends what went in one message "
+              "between `\\startpipeline` and `\\endpipeline`, prepared (`-M prepared`), "
+              "its fastest way to run the same statements. A statement "
               "whose RETURNING row is read stays outside (pgbench's `\\gset` cannot be "
               "pipelined), so pgbench sends BEGIN on a round trip of its own where the API "
               "sends it with the UPDATE. Values are the captured ones except the user id "

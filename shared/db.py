@@ -100,18 +100,22 @@ class RawSql:
         self._integrity_error = dialect.loaded_dbapi.IntegrityError
         self._dbapi_conn = dbapi_conn
         self._cur = dbapi_conn.cursor()
+        self._batch: list | None = None  # Postgres transaction: statements not yet sent
 
     @classmethod
     @contextmanager
     def transaction(cls, engine):
         """A write transaction on a pooled connection, committed when the block ends.
 
-        On Postgres it runs in psycopg's pipeline mode with BEGIN and COMMIT sent as plain
-        statements (the connection in autocommit meanwhile, so psycopg adds no BEGIN of
-        its own and does not sync before COMMIT): statements go out when a result is
-        needed (a ``fetchone``) or at the end, so BEGIN travels with the first read and
-        everything after the last read travels in one round trip with the COMMIT. On SQLite
-        it is BEGIN IMMEDIATE ... COMMIT, writers taking turns as everywhere else in txmon.
+        On Postgres the statements are queued and leave together, as one message, when a
+        result is needed (``fetchone``/``fetchall`` on what ``execute`` returned) and at
+        the end: BEGIN travels with the first read, and everything after the last read
+        travels with the COMMIT. So a purchase is two messages and two round trips, and the
+        account row stays locked for one of them. The connection is in autocommit meanwhile
+        (BEGIN and COMMIT are statements of ours) and binds parameters on the client
+        (psycopg's ClientCursor: values quoted by libpq's rules for this connection), since
+        one message holding several statements is the simple query protocol. On SQLite it
+        is BEGIN IMMEDIATE ... COMMIT, writers taking turns as everywhere else in txmon.
         """
         pooled = engine.raw_connection()
         dbapi_error = engine.dialect.loaded_dbapi.Error
@@ -127,10 +131,11 @@ class RawSql:
             if engine.dialect.name != "sqlite" and (
                     pooled.dbapi_connection.closed
                     or isinstance(exc, dbapi_error) or isinstance(exc.__cause__, dbapi_error)):
-                # A database error aborts the rest of the pipeline, and psycopg can be left
-                # believing a statement it sent there was prepared when the server skipped
-                # it ("prepared statement ... does not exist" later). Such errors are rare
-                # (a replayed purchase): the connection is dropped, the pool opens another.
+                # After a database error the connection's state is not trusted: when this
+                # ran in psycopg's pipeline mode, psycopg could be left believing a statement
+                # the server skipped was prepared ("prepared statement ... does not exist"
+                # later). Such errors are rare (a replayed purchase): the connection is
+                # dropped, the pool opens another.
                 pooled.invalidate()
             raise
         finally:
@@ -138,20 +143,35 @@ class RawSql:
 
     @contextmanager
     def _pg_transaction(self):
+        from psycopg import ClientCursor
+
         pg = self._dbapi_conn
         pg.autocommit = True
+        self._cur = ClientCursor(pg)
+        self._batch = [("BEGIN", ())]
         try:
-            with pg.pipeline():
-                self._cur.execute("BEGIN")
-                yield
-                self._cur.execute("COMMIT")
+            yield
+            self._batch.append(("COMMIT", ()))
+            self._send()
         except BaseException:
+            self._batch = None  # what was not sent is dropped
             if not pg.closed and pg.info.transaction_status != _PG_IDLE:
                 pg.execute("ROLLBACK")
             raise
         finally:
+            self._batch = None
             if not pg.closed:
                 pg.autocommit = False  # as SQLAlchemy's pool expects it
+
+    def _send(self):
+        """Send the queued statements as one message; the cursor is left on the last
+        statement's result (the one a ``fetch`` asked for)."""
+        batch, self._batch = self._batch, []
+        self._cur.execute("; ".join(text for text, _ in batch),
+                          [p for _, params in batch for p in params])
+        while self._cur.nextset():
+            pass
+        return self._cur
 
     @contextmanager
     def _sqlite_transaction(self):
@@ -164,7 +184,12 @@ class RawSql:
         self._cur.execute("COMMIT")
 
     def execute(self, sql: str, params=()):
-        """Run (or, in pipeline mode, queue) ``sql``; returns the DBAPI cursor."""
+        """Run ``sql`` (inside a Postgres ``transaction``: queue it); returns the DBAPI
+        cursor, or for a queued statement an object whose ``fetchone``/``fetchall`` send
+        the queue and read this statement's result."""
+        if self._batch is not None:
+            self._batch.append((sql, params))
+            return _Queued(self, len(self._batch))
         if self.sqlite:
             sql, params = _qmark(sql), [_sqlite_param(p) for p in params]
         try:
@@ -187,6 +212,26 @@ class RawSql:
 
 
 _PG_IDLE = 0  # psycopg.pq.TransactionStatus.IDLE, without importing psycopg on SQLite
+
+
+class _Queued:
+    """A statement queued in a RawSql Postgres transaction; reading its result sends it."""
+
+    __slots__ = ("sql", "position")
+
+    def __init__(self, sql: RawSql, position: int):
+        self.sql, self.position = sql, position
+
+    def _cursor(self):
+        if self.sql._batch is None or len(self.sql._batch) != self.position:
+            raise RuntimeError("only the last statement queued can be read back")
+        return self.sql._send()
+
+    def fetchone(self):
+        return self._cursor().fetchone()
+
+    def fetchall(self):
+        return self._cursor().fetchall()
 
 
 def _not_the_echo_of_a_raised_error(record: logging.LogRecord) -> bool:

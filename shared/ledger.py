@@ -11,8 +11,8 @@ Nothing else in txmon changes a balance. See models.py for the invariants the da
 
 The movement itself is fixed SQL on the driver's cursor (shared.db.RawSql): the purchase is the
 hot path, and building Core statements per call cost more CPU than Postgres spent running
-them. Round trips while the account row is locked: the UPDATE ... RETURNING (which also
-draws the new rows' ids), one pipeline of every INSERT, the COMMIT.
+them. Round trips while the account row is locked: one, every INSERT and the COMMIT sent
+as one message after the UPDATE ... RETURNING (which also draws the new rows' ids).
 """
 from __future__ import annotations
 

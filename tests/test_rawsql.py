@@ -1,6 +1,7 @@
 """shared.db.RawSql.transaction: the ledger's driver-level transactions (both databases).
 
-On Postgres BEGIN and COMMIT are plain statements in a psycopg pipeline, the connection in
+On Postgres the statements are queued and sent as one message (BEGIN and COMMIT among
+them, bound on the client) when a result is read and at the end, the connection in
 autocommit meanwhile; whatever happens inside, the connection must go back to the pool
 idle and in SQLAlchemy's usual (non-autocommit) mode, and a failed block must leave
 nothing behind.
@@ -130,3 +131,68 @@ def test_failed_pipelines_then_success__prepared_statements_stay_in_step(app, ap
                 assert sql.execute(after, ("raw-prep",)).fetchone()[0] == 1, attempt
     finally:
         engine.dispose()
+
+
+def _postgres(app) -> bool:
+    with app.app_context():
+        return db.engine.dialect.name == "postgresql"
+
+
+def test_purchase__two_messages_on_postgres(app, api, monkeypatch):
+    """BEGIN with the UPDATE, then every INSERT with the COMMIT: what ARCHITECTURE.md says."""
+    if not _postgres(app):
+        pytest.skip("SQLite runs statement by statement")
+    import psycopg
+
+    sent = []
+    real = psycopg.ClientCursor.execute
+
+    def counting(self, query, params=None, **kw):
+        sent.append(str(query))
+        return real(self, query, params, **kw)
+
+    api.account("raw-msg", 500)
+    monkeypatch.setattr(psycopg.ClientCursor, "execute", counting)
+    with app.app_context():
+        ledger.charge_verification(verification_id="raw-msg-v", user_id="raw-msg",
+                                   service_name="WhatsApp", country="US", cost_cents=100,
+                                   timeout_seconds=60)
+    assert len(sent) == 2, sent
+    assert sent[0].startswith("BEGIN; UPDATE accounts")
+    assert sent[1].startswith("INSERT INTO transactions") and sent[1].endswith("; COMMIT")
+    with app.app_context():
+        assert _count("SELECT balance_cents FROM accounts WHERE user_id = 'raw-msg'") == 400
+
+
+@pytest.mark.parametrize("awkward", [
+    "O'Brien", "back\\slash", "100% sure", "%s and %(x)s", "quote'); DROP TABLE accounts; --",
+    "dollar $$ quoted $1", "unicode: ☃ 名前 ✓", "new\nline\ttab"])
+def test_values_bound_on_the_client_come_back_exactly(app, api, awkward):
+    """Client-side binding: any text is stored as given, never read as SQL."""
+    api.account("raw-q", 500)
+    with app.app_context():
+        ledger.charge_verification(verification_id="raw-q-v", user_id="raw-q",
+                                   service_name=awkward, country="US", cost_cents=1,
+                                   timeout_seconds=60)
+        assert _count("SELECT count(*) FROM transactions WHERE service = :s", s=awkward) == 1
+        with db.engine.connect() as conn:
+            stored = conn.execute(text("SELECT service_name FROM verifications "
+                                       "WHERE id = 'raw-q-v'")).scalar_one()
+        assert stored == awkward
+        assert _count("SELECT count(*) FROM accounts") == 1
+        _assert_pool_clean()
+
+
+def test_reading_back_an_earlier_queued_statement_is_refused(app, api):
+    if not _postgres(app):
+        pytest.skip("SQLite runs statement by statement")
+    api.account("raw-r", 500)
+    with app.app_context(), pytest.raises(RuntimeError, match="last statement queued"):
+        with RawSql.transaction(db.engine) as sql:
+            first = sql.execute("SELECT balance_cents FROM accounts WHERE user_id = %s",
+                                ("raw-r",))
+            sql.execute("UPDATE accounts SET balance_cents = 0 WHERE user_id = %s", ("raw-r",))
+            first.fetchone()
+    with app.app_context():
+        assert _count("SELECT balance_cents FROM accounts WHERE user_id = 'raw-r'") == 500
+        _assert_pool_clean()

@@ -230,7 +230,7 @@ def test_sigkill_worker_child_mid_refund__refund_exists_once(app, api, workers):
         def blocked_ports() -> list[int]:
             return [row["client_port"] for row in rows(
                 app, "SELECT client_port FROM pg_stat_activity WHERE datname = current_database() "
-                     "AND wait_event_type = 'Lock' AND query ILIKE 'UPDATE accounts%'")]
+                     "AND wait_event_type = 'Lock' AND query ILIKE '%UPDATE accounts%'")]
 
         wait_until(lambda: datetime.now(timezone.utc) > expires_at, timeout=30, message="expiry")
         ports = wait_until(blocked_ports, timeout=30,

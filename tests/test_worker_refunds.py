@@ -85,10 +85,11 @@ def test_timeout__countdown_and_scan_racing__still_one_refund(app, api, workers,
         def blocked_refunds() -> int:
             # The first path to claim the verification waits for the account row; the other
             # waits for the verification row it claimed (shared/ledger.py: claim first).
+            # A claim leaves with its BEGIN in one message: match inside the text.
             return scalar(app, "SELECT count(*) FROM pg_stat_activity "
                                "WHERE datname = current_database() AND wait_event_type = 'Lock' "
-                               "AND (query ILIKE 'UPDATE accounts%' "
-                               "OR query ILIKE 'UPDATE verifications%')")
+                               "AND (query ILIKE '%UPDATE accounts%' "
+                               "OR query ILIKE '%UPDATE verifications%')")
 
         # The countdown task reaches the lock on its own; then the beat scan's path.
         wait_until(lambda: blocked_refunds() >= 1, timeout=30,
