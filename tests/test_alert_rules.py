@@ -1,0 +1,89 @@
+"""The alert rules run in-process on both databases (the worker tests cover them on Postgres
+with a real worker): window counts bind datetimes as the column stores them, a burst fires
+once while its alert is open, a refund burst has a rule of its own."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import update
+
+from shared import alerts, ledger
+from shared.db import db, utcnow
+from shared.models import Transaction
+
+transactions = Transaction.__table__
+
+pytestmark = pytest.mark.smoke
+
+
+@pytest.fixture
+def rules_config(app, monkeypatch):
+    monkeypatch.setitem(app.config, "ALERT_RAPID_COUNT", 3)
+    monkeypatch.setitem(app.config, "ALERT_RAPID_WINDOW_S", 300)
+    return app
+
+
+def _check(app, tx_id: int) -> list[str]:
+    from worker_service.tasks.alerts import check_transaction
+
+    with app.app_context():
+        return check_transaction.run(tx_id)
+
+
+def _rules(app, user_id: str) -> list[str]:
+    with app.app_context():
+        return sorted(a.rule for a in alerts.list_alerts(status=None, limit=100)
+                      if a.user_id == user_id)
+
+
+def test_rapid_transactions__fires_past_the_count_once_while_open(rules_config, api):
+    app = rules_config
+    api.account("ar-1", 10_000)  # its seed credit is transaction 1 in the window
+    fired = []
+    with app.app_context():
+        for i in range(5):
+            m = ledger.charge_verification(verification_id=f"ar-1-v{i}", user_id="ar-1",
+                                           service_name="S", country="US", cost_cents=10,
+                                           timeout_seconds=60)
+            fired.append(_check(app, m.transaction["id"]))
+    # 1 credit + 3 purchases = 4 > 3 on the third purchase; later ones find it open.
+    assert fired == [[], [], ["rapid_transactions"], [], []]
+    assert _rules(app, "ar-1") == ["rapid_transactions"]
+    assert _rules(app, "someone-else") == []
+
+
+def test_rapid_transactions__other_users_and_old_rows_do_not_count(rules_config, api):
+    app = rules_config
+    api.account("ar-2", 10_000)
+    api.account("ar-3", 10_000)
+    with app.app_context():
+        for i in range(3):
+            ledger.charge_verification(verification_id=f"ar-3-v{i}", user_id="ar-3",
+                                       service_name="S", country="US", cost_cents=10,
+                                       timeout_seconds=60)
+        with db.engine.begin() as conn:  # ar-2's credit long before the window
+            conn.execute(update(transactions).where(transactions.c.user_id == "ar-2")
+                         .values(created_at=utcnow() - timedelta(hours=1)))
+        last = None
+        for i in range(3):
+            last = ledger.charge_verification(verification_id=f"ar-2-v{i}", user_id="ar-2",
+                                              service_name="S", country="US", cost_cents=10,
+                                              timeout_seconds=60)
+    # ar-2: 3 purchases in the window, its credit out of it, ar-3's rows not its own: not > 3.
+    assert _check(app, last.transaction["id"]) == []
+
+
+def test_large_deduction__fires_per_transaction(rules_config, api):
+    app = rules_config
+    large = app.config["ALERT_LARGE_DEBIT_CENTS"]
+    api.account("ar-4", 3 * large + 10)
+    with app.app_context():
+        big = ledger.charge_verification(verification_id="ar-4-v1", user_id="ar-4",
+                                         service_name="S", country="US",
+                                         cost_cents=large + 1, timeout_seconds=60)
+        limit = ledger.charge_verification(verification_id="ar-4-v2", user_id="ar-4",
+                                           service_name="S", country="US", cost_cents=large,
+                                           timeout_seconds=60)
+    assert _check(app, big.transaction["id"]) == ["large_deduction"]
+    assert _check(app, limit.transaction["id"]) == []
