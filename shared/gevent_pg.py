@@ -17,17 +17,18 @@ from __future__ import annotations
 import select
 from time import monotonic
 
+from gevent import Timeout, get_hub
+from gevent.monkey import get_original
+from psycopg import errors as e
+from psycopg.waiting import READY_NONE, READY_R, READY_W, Wait
+
 _EXPIRED = type("_WaitExpired", (Exception,), {})
+_real_poll = get_original("select", "poll")  # the kernel's poll, whatever gevent patched
 
 
 def wait_gevent(gen, fileno: int, interval: float = 0.0, timeout: float | None = None):
-    from gevent import Timeout, get_hub
-    from gevent.monkey import get_original
-    from psycopg import errors as e
-    from psycopg.waiting import READY_NONE, READY_R, READY_W
-
     hub = get_hub()
-    poller = get_original("select", "poll")()
+    poller = _real_poll()
     deadline = monotonic() + timeout if timeout is not None else None
     try:
         s = next(gen)
@@ -64,16 +65,9 @@ def wait_gevent(gen, fileno: int, interval: float = 0.0, timeout: float | None =
         return ex.value
 
 
-def _masks():
-    from psycopg.waiting import Wait
-
-    poll = {Wait.R: select.POLLIN, Wait.W: select.POLLOUT,
-            Wait.RW: select.POLLIN | select.POLLOUT}
-    loop = {Wait.R: 1, Wait.W: 2, Wait.RW: 3}  # gevent loop.io: READ = 1, WRITE = 2
-    return poll, loop
-
-
-_POLL_MASK, _LOOP_MASK = _masks()
+_POLL_MASK = {Wait.R: select.POLLIN, Wait.W: select.POLLOUT,
+              Wait.RW: select.POLLIN | select.POLLOUT}
+_LOOP_MASK = {Wait.R: 1, Wait.W: 2, Wait.RW: 3}  # gevent's loop.io: READ = 1, WRITE = 2
 _POLL_BAD = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 
