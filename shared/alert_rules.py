@@ -5,7 +5,8 @@ the transactions table: ORM object or Core row, attributes only) and the
 app config and returns a ``Finding`` or None. Adding a rule means adding one function here.
 Dedup: a finding's ``dedup_key`` is unique in the alerts table, and per-user rules marked
 ``once_while_open`` are skipped while an earlier alert of theirs is still open, so one
-burst raises one alert.
+burst raises one alert (a unique index on open alerts' ``open_key`` holds that against
+checks racing each other).
 """
 from __future__ import annotations
 

@@ -22,13 +22,18 @@ def serialize(a: Alert) -> dict:
 
 
 def raise_alert(*, rule: str, user_id: str | None, details: dict, dedup_key: str,
-                transaction_id: int | None = None) -> tuple[int, bool]:
-    """Store an alert unless one with ``dedup_key`` exists; returns (alert id, created).
+                transaction_id: int | None = None, once_while_open: bool = False,
+                _again: bool = True) -> tuple[int, bool]:
+    """Store an alert unless one with ``dedup_key`` exists (or, ``once_while_open``, unless
+    an alert of ``rule`` for the user is open); returns (alert id, created).
 
-    The admin email and the admin-feed message are outbox rows of the same commit.
+    Both are unique indexes, so racing callers store one alert between them. The admin
+    email and the admin-feed message are outbox rows of the same commit.
     """
+    open_key = f"{rule}:{user_id}" if once_while_open else None
     row = {"rule": rule, "user_id": user_id, "details": details, "dedup_key": dedup_key,
-           "transaction_id": transaction_id, "status": "open", "created_at": utcnow()}
+           "open_key": open_key, "transaction_id": transaction_id, "status": "open",
+           "created_at": utcnow()}
     try:
         with db.engine.begin() as conn:
             alert_id = conn.execute(insert(alerts_table).returning(alerts_table.c.id),
@@ -38,9 +43,20 @@ def raise_alert(*, rule: str, user_id: str | None, details: dict, dedup_key: str
                 outbox.message(outbox.PUBLISH_ALERT, user_id, row["created_at"],
                                alert_id=alert_id)])
     except IntegrityError:
+        a = alerts_table.c
         with db.engine.connect() as conn:
-            return conn.execute(select(alerts_table.c.id)
-                                .where(alerts_table.c.dedup_key == dedup_key)).scalar_one(), False
+            existing = conn.execute(select(a.id).where(a.dedup_key == dedup_key)).scalar()
+            if existing is None and open_key is not None:
+                existing = conn.execute(select(a.id).where(
+                    a.open_key == open_key, a.status == "open")).scalar()
+        if existing is None:
+            if not _again:
+                raise
+            # The open alert it clashed with was acknowledged meanwhile: try once more.
+            return raise_alert(rule=rule, user_id=user_id, details=details,
+                               dedup_key=dedup_key, transaction_id=transaction_id,
+                               once_while_open=once_while_open, _again=False)
+        return existing, False
     ALERTS.labels(rule=rule).inc()
     return alert_id, True
 

@@ -187,6 +187,9 @@ class Alert(db.Model):
     details: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)
     status: Mapped[str] = mapped_column(String(16), nullable=False, default="open")
     dedup_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    # "<rule>:<user>" for rules that raise one alert while it is open; unique among open
+    # alerts, so two checks racing over one burst cannot both raise one.
+    open_key: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     acknowledged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     note: Mapped[str | None] = mapped_column(String(500))
@@ -194,6 +197,8 @@ class Alert(db.Model):
     __table_args__ = (
         CheckConstraint("status IN ('open', 'acknowledged')", name="status_known"),
         Index("ix_alerts_status_id", "status", "id"),
+        Index("uq_alerts_open_key", "open_key", unique=True,
+              postgresql_where=text("status = 'open'"), sqlite_where=text("status = 'open'")),
     )
 
 

@@ -87,3 +87,31 @@ def test_large_deduction__fires_per_transaction(rules_config, api):
                                            timeout_seconds=60)
     assert _check(app, big.transaction["id"]) == ["large_deduction"]
     assert _check(app, limit.transaction["id"]) == []
+
+
+def test_once_while_open__racing_raises_store_one_alert_until_acknowledged(app):
+    """Checks racing over one burst (different buckets, so different dedup keys) store one
+    open alert between them; once it is acknowledged the next burst raises a new one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int):
+        with app.app_context():
+            return alerts.raise_alert(rule="rapid_transactions", user_id="ar-race",
+                                      details={"i": i}, dedup_key=f"rapid:ar-race:{i}",
+                                      once_while_open=True)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(16)))
+    ids = {alert_id for alert_id, _ in results}
+    assert len(ids) == 1 and sum(created for _, created in results) == 1, results
+    # A rule without once_while_open is not limited by it.
+    with app.app_context():
+        other = alerts.raise_alert(rule="large_deduction", user_id="ar-race", details={},
+                                   dedup_key="large:ar-race:1")
+        assert other[1] is True
+        alerts.acknowledge(alert_id=ids.pop(), note="seen")
+    again = one(99)
+    assert again[1] is True
+    assert one(100) == (again[0], False)
+    assert _rules(app, "ar-race") == ["large_deduction", "rapid_transactions",
+                                      "rapid_transactions"]

@@ -34,7 +34,8 @@ def check_transaction(transaction_id: int) -> list[str]:
     for finding in findings:
         _, created = alerts.raise_alert(rule=finding.rule, user_id=user_id,
                                         transaction_id=tx_id, details=finding.details,
-                                        dedup_key=finding.dedup_key)
+                                        dedup_key=finding.dedup_key,
+                                        once_while_open=finding.once_while_open)
         if created:
             fired.append(finding.rule)
     return fired
