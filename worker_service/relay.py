@@ -2,8 +2,9 @@
 
 Runs as a thread in each worker's main process. On Postgres it LISTENs on the
 ``txmon_outbox`` channel (a trigger NOTIFYs at commit), so balance updates go out within
-milliseconds of the commit and other rows within TASKS_LINGER_S; on SQLite it polls. Any number of relays may run: rows are claimed
-with SKIP LOCKED. The beat task ``txmon.outbox.sweep`` is the safety net.
+milliseconds of the commit and other rows within TASKS_LINGER_S; on SQLite it polls. Any
+number of relays may run: rows are claimed with SKIP LOCKED. The beat task
+``txmon.outbox.sweep`` is the safety net.
 """
 from __future__ import annotations
 
