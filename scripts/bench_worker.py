@@ -49,10 +49,8 @@ import datetime as dt
 import json
 import os
 import platform
-import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -61,12 +59,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from benchlib import (CLK_TCK, admin_url, backend_database, busy_ticks, free_port,  # noqa: E402
+                      proc_stat)
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
 DOC = ROOT / "docs" / "PERFORMANCE.md"
 HEADING = "## Worker: notification deliveries and timeout refunds"
 OPEN, CLOSE = "<!-- bench:worker -->", "<!-- /bench:worker -->"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 TARGET_DELIVERIES = 500.0
 TARGET_REFUND_S = 30.0
 PUSH = "txmon.notifications.deliver"  # push only (rows written by older code)
@@ -120,24 +120,6 @@ def log(msg: str) -> None:
 
 class Deadline(Exception):
     """--max-seconds reached."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def admin_url() -> str:
-    """A superuser URL on the server to use: TXMON_BENCH_PG_ADMIN_URL, DATABASE_URL's, local."""
-    url = os.environ.get("TXMON_BENCH_PG_ADMIN_URL")
-    if url:
-        return url
-    db_url = os.environ.get("DATABASE_URL", "")
-    if db_url.startswith(("postgres://", "postgresql://", "postgresql+psycopg://")):
-        db_url = re.sub(r"^postgres(ql)?(\+psycopg)?://", "postgresql://", db_url)
-        return db_url.split("?", 1)[0].rsplit("/", 1)[0] + "/postgres"
-    return "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 def pg(url: str, wait: float = 60.0):
@@ -268,19 +250,6 @@ def smtp_sink_main(port: int) -> None:
 
 # -- CPU accounting ----------------------------------------------------------------------------
 
-def _proc_stat(pid: str):
-    raw = Path("/proc", pid, "stat").read_text()
-    comm = raw[raw.index("(") + 1:raw.rindex(")")]
-    fields = raw[raw.rindex(")") + 2:].split()
-    return comm, int(fields[1]), int(fields[11]) + int(fields[12])  # comm, ppid, utime+stime
-
-
-def _busy() -> tuple[int, int]:
-    """(all busy ticks, of which irq + softirq + steal: time no process is charged)."""
-    cpu = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
-    return sum(cpu) - cpu[3] - cpu[4], cpu[5] + cpu[6] + cpu[7]
-
-
 ROLES = ("worker_main", "worker_pool", "postgres", "redis", "smtp_sink", "bench", "irq", "other")
 
 
@@ -314,12 +283,8 @@ class CpuSampler(threading.Thread):
         if pid == self.me or ppid == self.me:
             return "bench"
         if comm == "postgres":
-            if pid not in self.cmdline:
-                with contextlib.suppress(OSError):
-                    self.cmdline[pid] = Path("/proc", str(pid), "cmdline").read_text()
-            m = re.match(r"postgres: (?:[^:]*: )?\S+ (\S+) (?:\S+\(\d+\)|\[local\])",
-                         self.cmdline.get(pid, ""))
-            if m is None or m.group(1) == self.dbname:
+            database = backend_database(pid, self.cmdline)
+            if database is None or database == self.dbname:
                 return "postgres"
         return "other"
 
@@ -328,7 +293,7 @@ class CpuSampler(threading.Thread):
             if not entry.name.isdigit():
                 continue
             try:
-                comm, ppid, ticks = _proc_stat(entry.name)
+                comm, ppid, ticks = proc_stat(entry.name)
             except (OSError, ValueError, IndexError):
                 continue
             pid = int(entry.name)
@@ -341,7 +306,7 @@ class CpuSampler(threading.Thread):
             self.sample()
 
     def __enter__(self):
-        (self.busy0, self.irq0), self.wall0 = _busy(), time.monotonic()
+        (self.busy0, self.irq0), self.wall0 = busy_ticks(), time.monotonic()
         self.sample(first=True)
         self.start()
         return self
@@ -361,7 +326,7 @@ class CpuSampler(threading.Thread):
         for pid, (role, ticks) in self.last.items():
             if role in used:
                 used[role] += ticks - self.first.get(pid, 0)
-        busy, irq = _busy()
+        busy, irq = busy_ticks()
         busy, irq = busy - self.busy0, irq - self.irq0
         used["irq"] = irq
         used["other"] = max(0, busy - sum(used.values()))
@@ -516,10 +481,10 @@ class Bench:
         limit = min(self.args.wait_quiet, self.remaining() - 120)
         started, busy = time.monotonic(), None
         while True:
-            b0, _ = _busy()
+            b0, _ = busy_ticks()
             t = time.monotonic()
             time.sleep(2)
-            busy = (100 * (_busy()[0] - b0) / CLK_TCK / (time.monotonic() - t)
+            busy = (100 * (busy_ticks()[0] - b0) / CLK_TCK / (time.monotonic() - t)
                     / (os.cpu_count() or 1))
             if busy < 15 or time.monotonic() - started > limit:
                 break

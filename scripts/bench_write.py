@@ -39,7 +39,6 @@ import runpy
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,9 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from benchlib import (CLK_TCK, admin_url, backend_database, busy_ticks, free_port,  # noqa: E402
+                      proc_stat)
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA = ROOT / "scripts" / "bench" / "verifications.lua"
@@ -62,7 +64,6 @@ TARGETS = {"random": 0.25, "hot": 0.5}
 CASE_NAMES = {"random": "random user of 1,000 accounts", "hot": "one hot account"}
 GUNICORN_ENV = ("TXMON_WEB_WORKERS", "TXMON_WEB_THREADS", "TXMON_WORKER_CLASS",
                 "TXMON_HTTP_CONCURRENCY")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def log(msg: str) -> None:
@@ -70,18 +71,6 @@ def log(msg: str) -> None:
 
 
 # -- Postgres ------------------------------------------------------------------------------
-
-def admin_url() -> str:
-    """A superuser URL on the server to use: TXMON_BENCH_PG_ADMIN_URL, DATABASE_URL's, local."""
-    url = os.environ.get("TXMON_BENCH_PG_ADMIN_URL")
-    if url:
-        return url
-    db_url = os.environ.get("DATABASE_URL", "")
-    if db_url.startswith(("postgres://", "postgresql://", "postgresql+psycopg://")):
-        db_url = re.sub(r"^postgres(ql)?(\+psycopg)?://", "postgresql://", db_url)
-        return db_url.split("?", 1)[0].rsplit("/", 1)[0] + "/postgres"
-    return "postgresql://postgres@127.0.0.1:5432/postgres"
-
 
 def db_url_for(admin: str, name: str) -> str:
     return admin.split("?", 1)[0].rsplit("/", 1)[0] + "/" + name
@@ -154,13 +143,6 @@ def count_verifications(url: str, prefix: str) -> int:
 
 # -- CPU accounting ------------------------------------------------------------------------
 
-def _proc_stat(pid: str):
-    raw = Path("/proc", pid, "stat").read_text()
-    comm = raw[raw.index("(") + 1:raw.rindex(")")]
-    fields = raw[raw.rindex(")") + 2:].split()
-    return comm, int(fields[1]), int(fields[11]) + int(fields[12])  # comm, ppid, utime+stime
-
-
 class CpuSampler(threading.Thread):
     """CPU time used during a run, split into: the app (the gunicorn tree), Postgres working
     for the bench database (its backends plus the server's own processes), the load
@@ -182,12 +164,8 @@ class CpuSampler(threading.Thread):
         if comm in ("wrk", "pgbench"):
             return "loadgen"
         if comm == "postgres":
-            if pid not in self.cmdline:
-                with contextlib.suppress(OSError):
-                    self.cmdline[pid] = Path("/proc", str(pid), "cmdline").read_text()
-            title = self.cmdline.get(pid, "")
-            m = re.match(r"postgres: (?:[^:]*: )?\S+ (\S+) (?:\S+\(\d+\)|\[local\])", title)
-            if m is None or m.group(1) == self.dbname:  # server process, or our backend
+            database = backend_database(pid, self.cmdline)
+            if database is None or database == self.dbname:  # server process, or our backend
                 return "postgres"
         return "other"
 
@@ -196,7 +174,7 @@ class CpuSampler(threading.Thread):
             if not entry.name.isdigit():
                 continue
             try:
-                comm, ppid, ticks = _proc_stat(entry.name)
+                comm, ppid, ticks = proc_stat(entry.name)
             except (OSError, ValueError, IndexError):
                 continue
             pid = int(entry.name)
@@ -208,14 +186,8 @@ class CpuSampler(threading.Thread):
         while not self.done.wait(0.2):
             self.sample()
 
-    @staticmethod
-    def _busy() -> tuple[int, int]:
-        """(all busy ticks, of which irq + softirq + steal: time no process is charged)."""
-        cpu = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
-        return sum(cpu) - cpu[3] - cpu[4], cpu[5] + cpu[6] + cpu[7]
-
     def __enter__(self):
-        (self.busy0, self.irq0), self.wall0 = self._busy(), time.monotonic()
+        (self.busy0, self.irq0), self.wall0 = busy_ticks(), time.monotonic()
         self.sample(first=True)
         self.start()
         return self
@@ -229,7 +201,7 @@ class CpuSampler(threading.Thread):
         for pid, (kind, ticks) in self.last.items():
             if kind in used:
                 used[kind] += ticks - self.first.get(pid, 0)
-        busy, irq = self._busy()
+        busy, irq = busy_ticks()
         busy, irq = busy - self.busy0, irq - self.irq0
         used["irq"] = irq  # interrupts (loopback network work) and hypervisor steal
         used["other"] = max(0, busy - sum(used.values()))
@@ -253,10 +225,10 @@ def wait_quiet(max_wait: float, below_pct: float = 10.0) -> float | None:
     over 2 s (nothing of this benchmark runs then). Returns the busy % last seen."""
     deadline, pct = time.monotonic() + max_wait, None
     while max_wait > 0:
-        b0, _ = CpuSampler._busy()
+        b0, _ = busy_ticks()
         t0 = time.monotonic()
         time.sleep(2)
-        b1, _ = CpuSampler._busy()
+        b1, _ = busy_ticks()
         pct = 100 * (b1 - b0) / CLK_TCK / (time.monotonic() - t0) / os.cpu_count()
         if pct < below_pct or time.monotonic() > deadline:
             break
@@ -623,12 +595,6 @@ class PgbenchScript:
 
 
 # -- processes ------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def gunicorn_settings(env: dict) -> dict:
     saved = dict(os.environ)

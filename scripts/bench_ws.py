@@ -44,7 +44,6 @@ import os
 import platform
 import queue
 import random
-import re
 import resource
 import secrets
 import signal
@@ -60,6 +59,8 @@ import urllib.request
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from benchlib import BACKEND, CLK_TCK, admin_url, busy_ticks, free_port  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "PERFORMANCE.md"
 BIN = ROOT / ".venv" / "bin"
@@ -69,11 +70,8 @@ DBNAME = "txmon_bench_ws"
 LAT_USER0, IDLE_USER0 = 3000001, 3100001
 SEED_BALANCE = 10**12
 TARGET_P99_MS, TARGET_SOCKETS, TARGET_KB = 50.0, 5000, 50.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 REF_CHANNEL = "bench:ws:ref"
 TAP_PATTERN = "txmon:rt:user:*"
-# a Postgres client backend's process title: "postgres: 15/main: USER DB HOST(PORT) STATE"
-BACKEND = re.compile(r"postgres: (?:[^:]*: )?\S+ (\S+) (?:\S+\(\d+\)|\[local\])")
 
 
 def log(msg: str) -> None:
@@ -507,12 +505,6 @@ class Budget(BaseException):
     """The run's time budget is spent (a BaseException: nothing on the way may swallow it)."""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_until(pred, timeout: float, what: str, interval: float = 0.1):
     deadline = time.monotonic() + timeout
     while True:
@@ -727,13 +719,8 @@ class CpuSampler(threading.Thread):
         while not self.done.wait(0.25):
             self.sample()
 
-    @staticmethod
-    def _busy():
-        cpu = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
-        return sum(cpu) - cpu[3] - cpu[4], cpu[5] + cpu[6] + cpu[7]
-
     def __enter__(self):
-        (self.busy0, self.irq0), self.wall0 = self._busy(), time.monotonic()
+        (self.busy0, self.irq0), self.wall0 = busy_ticks(), time.monotonic()
         self.sample(first=True)
         self.start()
         return self
@@ -747,7 +734,7 @@ class CpuSampler(threading.Thread):
         for pid, (kind, ticks) in self.last.items():
             if kind != "other":
                 used[kind] += ticks - self.first.get(pid, 0)
-        busy, irq = self._busy()
+        busy, irq = busy_ticks()
         busy, irq = busy - self.busy0, irq - self.irq0
         used["irq"] = irq
         used["other"] = max(0, busy - sum(used.values()))
@@ -762,17 +749,6 @@ class CpuSampler(threading.Thread):
 
 
 # -- Postgres ------------------------------------------------------------------------------
-
-def admin_url() -> str:
-    url = os.environ.get("TXMON_BENCH_PG_ADMIN_URL")
-    if url:
-        return url
-    db_url = os.environ.get("DATABASE_URL", "")
-    if db_url.startswith(("postgres://", "postgresql://", "postgresql+psycopg://")):
-        db_url = re.sub(r"^postgres(ql)?(\+psycopg)?://", "postgresql://", db_url)
-        return db_url.split("?", 1)[0].rsplit("/", 1)[0] + "/postgres"
-    return "postgresql://postgres@127.0.0.1:5432/postgres"
-
 
 def pg(url: str):
     import psycopg
