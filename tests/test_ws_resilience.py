@@ -330,15 +330,19 @@ def restart_run(stack):
     stack.quiesce()
     sockets = Sockets(stack)
     try:
-        clients = []
-        for _ in range(6):  # several, so both workers (and so both hubs) are involved
+        clients, workers_used = [], []
+        # Several, until both workers (and so both hubs) are involved: the kernel spreads
+        # connections over the workers' reuse_port sockets by hash, so 6 can all land on one
+        # (1 run in 32); keep opening, up to 40.
+        while len(clients) < 6 or (len(workers_used) < WEB_WORKERS and len(clients) < 40):
             ws = sockets.balance(token=stack.token(user))
             assert ws.recv() == {"type": "snapshot", "balance_cents": 99_990, "seq": 2}
             clients.append(ws)
+            if len(clients) >= 6:
+                workers_used = [pid for pid, p in connections_by_worker(stack, clients).items()
+                                if p["sockets"]]
         admin = sockets.admin(token=stack.token("ops-rr", admin=True))
         assert admin.recv()["type"] == "hello"
-        workers_used = [pid for pid, p in connections_by_worker(stack, clients).items()
-                        if p["sockets"]]
 
         stack.redis.kill()
         r = stack.call("POST", "/api/v1/verifications", json={
