@@ -1,0 +1,72 @@
+"""The relay's claims keep using their index when the outbox outgrows its statistics.
+
+The outbox is a queue: it was empty when last analyzed (a fresh database, or autovacuum
+not yet round), and holds tens of thousands of rows a minute later. A prepared statement
+whose generic plan was costed while the table was small keeps that plan - a sequential
+scan of the whole table - however large the table grows; the engine's connections plan
+every run instead (shared/config.py, ``plan_cache_mode``). Postgres only.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+from sqlalchemy import text
+
+from shared.db import db
+
+
+def _claim_plan(conn) -> str:
+    rows = conn.exec_driver_sql(
+        "EXPLAIN EXECUTE txmon_claim(now(), now(), 'txmon.realtime.publish_balance', 500)").all()
+    return "\n".join(r[0] for r in rows)
+
+
+def _prepare_claim_while_small(conn) -> None:
+    from worker_service.relay import _CLAIM_BALANCES
+
+    numbered = iter(range(1, 5))
+    statement = re.sub("%s", lambda _m: f"${next(numbered)}", _CLAIM_BALANCES)
+    conn.exec_driver_sql("ANALYZE outbox")  # empty: the statistics say so
+    conn.exec_driver_sql(
+        f"PREPARE txmon_claim(timestamptz, timestamptz, text, int) AS {statement}")
+    for _ in range(8):  # past the point where Postgres settles on a generic plan
+        _claim_plan(conn)
+
+
+def _grow_outbox(conn) -> None:
+    """30,000 dispatched rows and a few waiting balance updates, not analyzed."""
+    conn.execute(text(
+        "INSERT INTO outbox (user_id, task, payload, available_at, created_at,"
+        " dispatched_at, completed_at, attempts)"
+        " SELECT 'u' || g, 'txmon.notifications.deliver_all', '{}', now(), now(),"
+        " now(), now(), 1 FROM generate_series(1, 30000) g"))
+    conn.execute(text(
+        "INSERT INTO outbox (user_id, task, payload, available_at, created_at, attempts)"
+        " SELECT 'u' || g, 'txmon.realtime.publish_balance', '{}', now(), now(), 0"
+        " FROM generate_series(1, 3) g"))
+
+
+def test_balance_claim_uses_its_index_after_the_outbox_grew(ctx):
+    if db.engine.dialect.name != "postgresql":
+        pytest.skip("plan caching is a Postgres matter")
+    with db.engine.connect() as conn:
+        assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar_one() == "force_custom_plan"
+        _prepare_claim_while_small(conn)
+        _grow_outbox(conn)
+        plan = _claim_plan(conn)
+        assert "ix_outbox_undispatched" in plan, plan
+        assert "Seq Scan on outbox" not in plan, plan
+
+        # Without the setting, the same steps keep the plan costed for the empty table:
+        # the situation the setting is there for.
+        conn.exec_driver_sql("DEALLOCATE txmon_claim")
+        conn.rollback()
+        conn.exec_driver_sql("SET plan_cache_mode = auto")
+        conn.execute(text("TRUNCATE outbox"))
+        _prepare_claim_while_small(conn)
+        _grow_outbox(conn)
+        assert "Seq Scan on outbox" in _claim_plan(conn)
+        conn.exec_driver_sql("DEALLOCATE txmon_claim")
+        conn.exec_driver_sql("RESET plan_cache_mode")
+        conn.rollback()
