@@ -167,8 +167,12 @@ class RawSql:
         """Send the queued statements as one message; the cursor is left on the last
         statement's result (the one a ``fetch`` asked for)."""
         batch, self._batch = self._batch, []
-        self._cur.execute("; ".join(text for text, _ in batch),
-                          [p for _, params in batch for p in params])
+        # Bound statement by statement: psycopg caches the parse of a statement text of up
+        # to 50 parameters, and a whole purchase (57) would be split with regexes anew on
+        # every call (py-spy: ~5% of an API worker's CPU at 150 purchases/s).
+        mogrify = self._cur.mogrify
+        self._cur.execute("; ".join(mogrify(text, params) if params else text
+                                    for text, params in batch))
         while self._cur.nextset():
             pass
         return self._cur
