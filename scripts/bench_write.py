@@ -336,15 +336,35 @@ def capture_main(args) -> None:
         returned(self, ev)  # in pipeline mode the result comes with the fetch instead
         return out
 
+    bound: dict = {}  # cursor id -> [(template, params, bound text)] since its last execute
+
+    def mogrify(self, query, params=None):
+        out = orig["mogrify"](self, query, params)
+        bound.setdefault(id(self), []).append((text_of(query, self.connection), params, out))
+        return out
+
     def compound(self, query, statement, params, **kw):
         """Several statements sent as one message (shared.db.RawSql's ledger transaction,
         client-side binding): recorded one by one, as one round trip (like a pipeline);
-        the last one's result is what a fetch reads."""
+        the last one's result is what a fetch reads. RawSql binds each statement with
+        ``mogrify`` before joining them: a statement is recognized by its bound text (which
+        may hold "; " inside a value) and recorded as its template and parameters; what
+        was not bound (BEGIN, COMMIT) is fixed text up to the next "; "."""
         rest = list(params or ())
+        pending = bound.pop(id(self), [])
         trip = next(pipelines)
-        for text in statement.split("; "):
-            n = len(re.findall(r"(?<!%)%s", text))
-            mine, rest = rest[:n], rest[n:]
+        at = 0
+        while at < len(statement):
+            if pending and statement.startswith(pending[0][2], at):
+                text, mine, out = pending.pop(0)
+                at += len(out)
+            else:
+                end = statement.find("; ", at)
+                end = len(statement) if end < 0 else end
+                text, at = statement[at:end], end
+                n = len(re.findall(r"(?<!%)%s", text))
+                mine, rest = rest[:n], rest[n:]
+            at += 2 if statement.startswith("; ", at) else 0
             verb = text.strip().upper()
             if verb in ("BEGIN", "COMMIT"):
                 events.append({"kind": verb.lower(), "pipeline": trip})
@@ -385,6 +405,8 @@ def capture_main(args) -> None:
 
     orig["pipeline"] = psycopg.Connection.pipeline
     psycopg.Connection.pipeline = pipeline
+    orig["mogrify"] = psycopg.ClientCursor.mogrify
+    psycopg.ClientCursor.mogrify = mogrify
     psycopg.Cursor.execute = execute
     psycopg.Cursor.fetchone = fetchone
     psycopg.Cursor.executemany = executemany
