@@ -208,3 +208,63 @@ def test_countdown_task_with_short_visibility_timeout__delivered_once(
     assert len(rows(app, "SELECT id FROM transactions WHERE verification_id = 'vt-long' "
                          "AND type = 'verification_refund'")) == 1
     assert invariant_violations(app) == []
+
+
+def test_balance_loop__publishes_the_stored_message_as_is__older_rows_go_as_tasks(
+        app, database_url, redis_server, celery_client):
+    """The balance loop's claim (worker_service/relay.py ``_publish_balances``): a row that
+    carries its message is published on the owner's channel and the admin channel exactly
+    as the ledger stored it, and completed; a row written before messages travelled in the
+    row goes out as its task and stays open until that task completes it."""
+    _postgres_only(database_url)
+    import base64
+    import json
+
+    from shared import outbox, realtime
+    from shared.db import db, utcnow
+    from worker_service import relay
+
+    message = {"type": "balance_update", "balance_cents": 12345, "seq": 7,
+               "transaction": {"id": 99, "user_id": "pub-1", "description": "é; \"q\" %s"},
+               "timestamp": "2026-11-26T08:50:05.123456+00:00"}
+    with app.app_context(), db.engine.begin() as conn:
+        now = utcnow()
+        outbox.write(conn, [
+            outbox.message(outbox.PUBLISH_BALANCE, "pub-1", now, transaction_id=99,
+                           message=message),
+            outbox.message(outbox.PUBLISH_BALANCE, "pub-2", now, transaction_id=100)])
+    stored = scalar(app, "SELECT payload::text FROM outbox WHERE user_id = 'pub-1'")
+    expected = json.dumps(json.loads(stored)["message"])  # the text the ledger wrote
+
+    subscriber = redis_server.client().pubsub(ignore_subscribe_messages=True)
+    subscriber.psubscribe("txmon:rt:*")
+    subscriber.get_message(timeout=2)
+    broker = redis_server.client()
+    broker.delete("realtime")
+    old_url = app.config["REDIS_URL"]
+    app.config["REDIS_URL"] = redis_server.url()
+    try:
+        with app.app_context():
+            assert relay._publish_balances(celery_client) == 2
+    finally:
+        app.config["REDIS_URL"] = old_url
+
+    got = []
+    while (m := subscriber.get_message(timeout=1)) is not None:
+        got.append((m["channel"].decode(), m["data"].decode()))
+    subscriber.close()
+    assert got == [(realtime.user_channel("pub-1"), expected),
+                   (realtime.ADMIN_CHANNEL, expected)]
+
+    queued = [json.loads(raw) for raw in broker.lrange("realtime", 0, -1)]
+    broker.delete("realtime")
+    assert [q["headers"]["task"] for q in queued] == [outbox.PUBLISH_BALANCE]
+    args, kwargs, _ = json.loads(base64.b64decode(queued[0]["body"]))
+    legacy_id = scalar(app, "SELECT id FROM outbox WHERE user_id = 'pub-2'")
+    assert kwargs == {"transaction_id": 100, "outbox_id": legacy_id}
+
+    state = {r["user_id"]: r for r in rows(
+        app, "SELECT user_id, dispatched_at IS NOT NULL AS dispatched,"
+             " completed_at IS NOT NULL AS completed FROM outbox")}
+    assert state["pub-1"]["dispatched"] and state["pub-1"]["completed"]
+    assert state["pub-2"]["dispatched"] and not state["pub-2"]["completed"]

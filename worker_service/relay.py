@@ -155,7 +155,9 @@ def drain(celery_app, *, lease_s: int | None = None, **which) -> int:
 _CLAIM_BALANCES = (
     "UPDATE outbox SET dispatched_at = %s, completed_at = %s, attempts = attempts + 1"
     " WHERE id IN (SELECT id FROM outbox WHERE dispatched_at IS NULL AND task = %s"
-    " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id, payload")
+    " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)"
+    " RETURNING id, user_id, (payload -> 'message')::text,"
+    " CASE WHEN payload -> 'message' IS NULL THEN payload::text END")
 _REOPEN = "UPDATE outbox SET completed_at = NULL WHERE id = ANY(%s)"
 
 
@@ -164,9 +166,11 @@ def _publish_balances(celery_app) -> int:
     platform: one statement claims and completes the waiting balance updates, they are
     published in one Redis pipeline, then the commit. The same contract as
     claim_and_dispatch with ``only=(PUBLISH_BALANCE,)`` (if Redis fails, the claim rolls
-    back and the rows wait), at a fraction of its CPU (fixed SQL, no Core statements; the
-    relay's main cost on a busy worker host). A row without its message (written by older
-    code) goes out as its task and stays open until that task completes it."""
+    back and the rows wait), at a fraction of its CPU: fixed SQL sent with its BEGIN as one
+    message (shared.db.RawSql.transaction), and each message published as the JSON text
+    the ledger stored (no decoding and encoding again). A row without its message
+    (written by older code) goes out as its task and stays open until that task
+    completes it."""
     from flask import current_app
 
     from shared import outbox, realtime
@@ -174,25 +178,21 @@ def _publish_balances(celery_app) -> int:
     from shared.redis_client import client
 
     now = utcnow()
-    with db.engine.begin() as conn:
-        sql = RawSql(conn)
+    with RawSql.transaction(db.engine) as sql:
         rows = sql.execute(_CLAIM_BALANCES, (now, now, outbox.PUBLISH_BALANCE,
                                              CLAIM_LIMIT)).fetchall()
         if not rows:
             return 0
         pipe = client(current_app.config["REDIS_URL"]).pipeline(transaction=False)
         as_tasks = []
-        for row_id, payload in rows:
-            payload = json.loads(payload) if isinstance(payload, str) else payload
-            message = payload.get("message")
+        for row_id, user_id, message, payload in rows:
             if message is None:
                 celery_app.send_task(outbox.PUBLISH_BALANCE, retry=False,
-                                     kwargs=dict(payload, outbox_id=row_id))
+                                     kwargs=dict(json.loads(payload), outbox_id=row_id))
                 as_tasks.append(row_id)
                 continue
-            data = json.dumps(message)
-            pipe.publish(realtime.user_channel(message["transaction"]["user_id"]), data)
-            pipe.publish(realtime.ADMIN_CHANNEL, data)
+            pipe.publish(realtime.user_channel(user_id), message)
+            pipe.publish(realtime.ADMIN_CHANNEL, message)
         pipe.execute()
         if as_tasks:
             sql.execute(_REOPEN, (as_tasks,))
