@@ -93,23 +93,29 @@ class Config:
         return {k: v for k, v in vars(self).items() if k.isupper()}
 
 
-def engine_options(url: str) -> dict:
-    """Pool settings per database: a real pool on Postgres, a long busy wait on SQLite."""
+def engine_options(url: str, *, custom_plans: bool = False) -> dict:
+    """Pool settings per database: a real pool on Postgres, a long busy wait on SQLite.
+
+    ``custom_plans`` (the worker's engine): Postgres plans every statement from the tables
+    as they are now. psycopg prepares a statement after a few runs, and Postgres then keeps
+    one generic plan for it, costed with the statistics of that moment. The outbox is a
+    queue: empty when last analyzed, tens of thousands of rows minutes later, so the
+    relay's prepared claims and the batches' completions kept sequential scans of the
+    whole table (the balance claim: 5.6 ms a claim at 200 purchases/s, pg_stat_statements,
+    against 0.15 ms planned from the table's current size). Not for the API: every
+    foreign-key check of the ledger's INSERTs is a cached plan too, and planning them anew
+    cost the write path ~0.2 ms of Postgres CPU per purchase (scripts/bench_write).
+    """
     if url.startswith("sqlite"):
         return {"connect_args": {"timeout": 30, "check_same_thread": False}}
     # Per process. Under gevent the pool is what bounds concurrent sessions: requests wait
     # for a connection (pool_timeout) instead of pushing Postgres past max_connections.
-    # plan_cache_mode: psycopg prepares a statement after a few runs, and Postgres then
-    # keeps one generic plan for it, costed with the statistics of that moment. The outbox
-    # is a queue: empty when last analyzed, tens of thousands of rows a minute later, so a
-    # relay's generic plan for its claim stayed a sequential scan of the whole table: 5.6
-    # ms a claim at 200 purchases/s (pg_stat_statements), the largest Postgres cost of a
-    # purchase; planned per run, from the table's current size, 0.15 ms. The ledger's hot
-    # path is not prepared (shared.db.RawSql sends it as text): it plans per run anyway.
-    return {"pool_size": _int_env("TXMON_DB_POOL_SIZE", 8),
-            "max_overflow": _int_env("TXMON_DB_MAX_OVERFLOW", 4), "pool_timeout": 20,
-            "pool_pre_ping": False, "pool_recycle": 1800,
-            "connect_args": {"options": "-c plan_cache_mode=force_custom_plan"}}
+    options = {"pool_size": _int_env("TXMON_DB_POOL_SIZE", 8),
+               "max_overflow": _int_env("TXMON_DB_MAX_OVERFLOW", 4), "pool_timeout": 20,
+               "pool_pre_ping": False, "pool_recycle": 1800}
+    if custom_plans:
+        options["connect_args"] = {"options": "-c plan_cache_mode=force_custom_plan"}
+    return options
 
 
 class TestConfig(Config):

@@ -1,10 +1,13 @@
-"""The relay's claims keep using their index when the outbox outgrows its statistics.
+"""The worker's outbox statements keep using their indexes when the outbox outgrows its
+statistics.
 
 The outbox is a queue: it was empty when last analyzed (a fresh database, or autovacuum
 not yet round), and holds tens of thousands of rows a minute later. A prepared statement
 whose generic plan was costed while the table was small keeps that plan - a sequential
-scan of the whole table - however large the table grows; the engine's connections plan
-every run instead (shared/config.py, ``plan_cache_mode``). Postgres only.
+scan of the whole table - however large the table grows; the worker's connections plan
+every run instead (shared/config.py ``engine_options(custom_plans=True)``), the API's do
+not (their cached plans are the ledger's foreign-key checks). The statement prepared here
+is the relay's balance claim, an outbox claim like the others. Postgres only.
 """
 from __future__ import annotations
 
@@ -47,26 +50,33 @@ def _grow_outbox(conn) -> None:
         " FROM generate_series(1, 3) g"))
 
 
-def test_balance_claim_uses_its_index_after_the_outbox_grew(ctx):
-    if db.engine.dialect.name != "postgresql":
+def test_worker_claims_use_their_index_after_the_outbox_grew(app, database_url):
+    if not database_url.startswith("postgres"):
         pytest.skip("plan caching is a Postgres matter")
-    with db.engine.connect() as conn:
-        assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar_one() == "force_custom_plan"
-        _prepare_claim_while_small(conn)
-        _grow_outbox(conn)
-        plan = _claim_plan(conn)
-        assert "ix_outbox_undispatched" in plan, plan
-        assert "Seq Scan on outbox" not in plan, plan
+    from worker_service.celery_app import create_worker_app
 
-        # Without the setting, the same steps keep the plan costed for the empty table:
-        # the situation the setting is there for.
-        conn.exec_driver_sql("DEALLOCATE txmon_claim")
-        conn.rollback()
-        conn.exec_driver_sql("SET plan_cache_mode = auto")
-        conn.execute(text("TRUNCATE outbox"))
+    worker_app = create_worker_app({"SQLALCHEMY_DATABASE_URI": database_url})
+    with worker_app.app_context():
+        try:
+            with db.engine.connect() as conn:
+                assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar_one() \
+                    == "force_custom_plan"
+                _prepare_claim_while_small(conn)
+                _grow_outbox(conn)
+                plan = _claim_plan(conn)
+                assert "ix_outbox_undispatched" in plan, plan
+                assert "Seq Scan on outbox" not in plan, plan
+                conn.rollback()
+        finally:
+            db.engine.dispose()
+
+    # The API's connections keep Postgres's default, and with it the same steps keep the
+    # plan costed for the empty table: the situation the worker's setting is there for.
+    with app.app_context(), db.engine.connect() as conn:
+        assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar_one() == "auto"
+        conn.execute(text("TRUNCATE outbox"))  # the pages the rolled-back rows took
         _prepare_claim_while_small(conn)
         _grow_outbox(conn)
         assert "Seq Scan on outbox" in _claim_plan(conn)
         conn.exec_driver_sql("DEALLOCATE txmon_claim")
-        conn.exec_driver_sql("RESET plan_cache_mode")
         conn.rollback()

@@ -20,7 +20,7 @@ pytest.register_assert_rewrite("tests.worker_support")
 
 from tests.helpers import invariant_violations  # noqa: E402
 from tests.worker_support import (RowLock, email_statuses, outbox_pending,  # noqa: E402
-                                  pid_owning_local_port, rows, scalar, wait_quiet, wait_until)
+                                  pid_owning_local_port, rows, scalar, wait_until)
 
 pytest_plugins = ["tests.worker_support"]
 

@@ -77,13 +77,16 @@ def create_worker_app(test_config: dict | None = None) -> Flask:
     ~0.5 s, measured with -X importtime; tasks use only ``current_app.config`` and ``db``)."""
     import logging
 
-    from shared.config import Config
+    from shared.config import Config, engine_options
     from shared.db import db
 
     app = Flask(__name__)
     app.config.update(Config().as_dict())
     if test_config:
         app.config.update(test_config)
+    if not (test_config and "SQLALCHEMY_ENGINE_OPTIONS" in test_config):
+        app.config["SQLALCHEMY_ENGINE_OPTIONS"] = engine_options(
+            app.config["SQLALCHEMY_DATABASE_URI"], custom_plans=True)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     db.init_app(app)
