@@ -115,3 +115,30 @@ def test_once_while_open__racing_raises_store_one_alert_until_acknowledged(app):
     assert one(100) == (again[0], False)
     assert _rules(app, "ar-race") == ["large_deduction", "rapid_transactions",
                                       "rapid_transactions"]
+
+
+def test_check_leaves_pooled_connections_as_the_app_set_them(app, api):
+    """The check reads in autocommit on Postgres; afterwards every pooled connection is back
+    in SQLAlchemy's usual mode, and on SQLite pysqlite's own transaction handling stays off
+    (shared/db.py), which a reset after autocommit would turn back on."""
+    api.account("pool-1", 1000)
+    with app.app_context():
+        tx = ledger.charge_verification(verification_id="v-pool-1", user_id="pool-1",
+                                        service_name="S", country="US", cost_cents=1,
+                                        timeout_seconds=300).transaction
+    assert _check(app, tx["id"]) == []
+    with app.app_context():
+        db.session.remove()
+        held = [db.engine.raw_connection() for _ in range(db.engine.pool.checkedin())]
+        try:
+            assert held
+            for pooled in held:
+                conn = pooled.dbapi_connection
+                if db.engine.dialect.name == "sqlite":
+                    assert conn.isolation_level is None
+                else:
+                    assert conn.autocommit is False
+                    assert conn.info.transaction_status == 0  # IDLE
+        finally:
+            for pooled in held:
+                pooled.close()

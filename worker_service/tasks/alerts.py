@@ -13,17 +13,20 @@ from worker_service.celery_app import celery
 
 
 _BY_ID = select(transactions).where(transactions.c.id == bindparam("id"))
+_READS = {"postgresql": {"isolation_level": "AUTOCOMMIT"}}
 
 
 @celery.task(name="txmon.alerts.check_transaction")
 def check_transaction(transaction_id: int) -> list[str]:
     """Evaluate every rule; store (deduplicated) alerts; returns the rules that fired."""
     # A Core row (the rules read attributes only): no ORM identity-map work per check. The
-    # reads share the session's connection, in autocommit: each is a statement of its own
-    # and none needs to see the others' snapshot, so no BEGIN and ROLLBACK round trips (on
-    # Postgres two of a check's four). Alerts are written after it is closed, on their own
-    # (SQLite: one writer at a time).
-    conn = db.session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+    # reads share the session's connection, on Postgres in autocommit: each is a statement
+    # of its own and none needs to see the others' snapshot, so no BEGIN and ROLLBACK
+    # round trips (two of a check's four). Not on SQLite: there SQLAlchemy's reset after
+    # autocommit turns pysqlite's own transaction handling back on for the pooled
+    # connection (shared/db.py turns it off). Alerts are written after it is closed, on
+    # their own (SQLite: one writer at a time).
+    conn = db.session.connection(execution_options=_READS.get(db.engine.dialect.name))
     tx = conn.execute(_BY_ID, {"id": transaction_id}).first()
     if tx is None:
         return []
