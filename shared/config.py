@@ -102,9 +102,10 @@ def engine_options(url: str, *, custom_plans: bool = False) -> dict:
     queue: empty when last analyzed, tens of thousands of rows minutes later, so the
     relay's prepared claims and the batches' completions kept sequential scans of the
     whole table (the balance claim: 5.6 ms a claim at 200 purchases/s, pg_stat_statements,
-    against 0.15 ms planned from the table's current size). Not for the API: every
-    foreign-key check of the ledger's INSERTs is a cached plan too, and planning them anew
-    cost the write path ~0.2 ms of Postgres CPU per purchase (scripts/bench_write).
+    against 0.15 ms planned from the table's current size). Not for the API: its hot path
+    is sent as text (planned per run anyway) and reads no queue table, while the
+    foreign-key checks of the ledger's INSERTs are cached plans that it would plan anew on
+    every purchase.
     """
     if url.startswith("sqlite"):
         return {"connect_args": {"timeout": 30, "check_same_thread": False}}
