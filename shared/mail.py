@@ -50,10 +50,10 @@ def build(*, to: str, subject: str, context: dict) -> Message:
 
 class _Policy(Compat32):
     """compat32, except that a header needing neither folding nor encoding (printable
-    ASCII within the line length) is written as it is instead
-    of through email.header.Header, which compat32 builds and encodes for every header:
-    the same bytes (tests/test_mail.py compares them), at a fraction of the CPU (the
-    header folding was most of a delivery's email cost: cProfile, CPU time)."""
+    ASCII within the line length) is written as it is instead of through
+    email.header.Header, which compat32 builds and encodes for every header: the same
+    bytes (tests/test_mail.py compares them), at a fraction of the CPU (the header folding
+    was most of a delivery's email cost: cProfile, CPU time)."""
 
     def _fold(self, name, value, sanitize):
         if (type(value) is str and value.isascii() and value.isprintable()
