@@ -100,9 +100,9 @@ def engine_options(url: str, *, custom_plans: bool = False) -> dict:
     as they are now. psycopg prepares a statement after a few runs, and Postgres then keeps
     one generic plan for it, costed with the statistics of that moment. The outbox is a
     queue: empty when last analyzed, tens of thousands of rows minutes later, so the
-    relay's prepared claims and the batches' completions kept sequential scans of the
-    whole table (the balance claim: 5.6 ms a claim at 200 purchases/s, pg_stat_statements,
-    against 0.15 ms planned from the table's current size). Not for the API: its hot path
+    relay's prepared claim and mark statements kept sequential scans of the whole table
+    (the balance claim: 5.6 ms a claim at 200 purchases/s, pg_stat_statements, against
+    0.15 ms planned from the table's current size). Not for the API: its hot path
     is sent as text (planned per run anyway) and reads no queue table, while the
     foreign-key checks of the ledger's INSERTs are cached plans that it would plan anew on
     every purchase.
