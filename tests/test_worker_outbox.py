@@ -268,3 +268,37 @@ def test_balance_loop__publishes_the_stored_message_as_is__older_rows_go_as_task
              " completed_at IS NOT NULL AS completed FROM outbox")}
     assert state["pub-1"]["dispatched"] and state["pub-1"]["completed"]
     assert state["pub-2"]["dispatched"] and not state["pub-2"]["completed"]
+
+
+def test_one_listening_connection_per_worker__both_loops_still_woken(
+        app, api, database_url, redis_server, workers):
+    """A worker's relay loops share one LISTEN connection (worker_service/relay.py): the
+    balance loop listens and wakes the task loop. One listening backend per worker host,
+    and a commit still reaches both loops: its balance update is published (balance loop)
+    and its delivery and alert check run (task loop; no beat runs here, so nothing else
+    would send them)."""
+    _postgres_only(database_url)
+    from tests.worker_support import pid_owning_local_port
+
+    worker = workers.start(concurrency=1)
+    listening = rows(app, "SELECT client_port FROM pg_stat_activity"
+                          " WHERE datname = current_database() AND query = 'LISTEN txmon_outbox'")
+    owned = [r for r in listening if pid_owning_local_port(r["client_port"], [worker.pid])]
+    assert len(owned) == 1, f"listening backends of the worker: {owned} (all: {listening})"
+    assert rows(app, "SELECT application_name FROM pg_stat_activity WHERE client_port = :p",
+                p=owned[0]["client_port"]) == [{"application_name": "txmon-relay"}]
+
+    subscriber = redis_server.client().pubsub(ignore_subscribe_messages=True)
+    subscriber.subscribe("txmon:rt:user:listen-1")
+    subscriber.get_message(timeout=2)
+    api.account("listen-1", 500)  # the account, then a credit of 500 cents
+    message = subscriber.get_message(timeout=10)
+    subscriber.close()
+    assert message is not None and b'"balance_cents": 500' in message["data"]
+    wait_until(lambda: outbox_pending(app) == 0 and scalar(
+        app, "SELECT count(*) FROM outbox WHERE user_id = 'listen-1'"
+             " AND completed_at IS NULL") == 0,
+               timeout=15, message="every row of the credit dispatched and completed")
+    tasks = {r["task"] for r in rows(app, "SELECT task FROM outbox WHERE user_id = 'listen-1'")}
+    assert tasks == {"txmon.notifications.deliver_all", "txmon.realtime.publish_balance",
+                     "txmon.alerts.check_transaction"}

@@ -222,14 +222,40 @@ def _linger(name: str) -> float:
     return TASKS_LINGER_S if name == "tasks" else 0.0
 
 
-class Relay:
-    """One relay loop, stoppable; a worker runs one per entry of ``_loops()``."""
+def relays(celery_app) -> dict[str, "Relay"]:
+    """A worker's relay loops by name: the balance loop listens, the others follow it."""
+    followers = {name: Relay(celery_app, which, linger=_linger(name), listen=False)
+                 for name, which in _loops().items() if name != "balance"}
+    return {"balance": Relay(celery_app, _loops()["balance"], linger=_linger("balance"),
+                             followers=followers.values()), **followers}
 
-    def __init__(self, celery_app, which: dict | None = None, linger: float = 0.0):
+
+class Relay:
+    """One relay loop, stoppable; a worker runs one per entry of ``_loops()``.
+
+    On Postgres one loop per worker (``listen``, the balance loop: the latency path drains
+    in the thread the notification wakes) holds the worker's only LISTEN connection and
+    wakes the others (``followers``) at every notification: one listening backend per
+    worker host, so a commit wakes one Postgres backend per worker, not one per loop.
+    """
+
+    def __init__(self, celery_app, which: dict | None = None, linger: float = 0.0, *,
+                 listen: bool = True, followers=()):
         self.celery_app = celery_app
         self.which = which or {}
         self.linger = linger
+        self.listen = listen
+        self.followers = list(followers)
         self.stopping = threading.Event()
+        self.woken = threading.Event()
+
+    def wake(self) -> None:
+        """Another loop's LISTEN saw a commit: drain (after the linger)."""
+        self.woken.set()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.woken.set()
 
     def run(self) -> None:
         with self.celery_app.flask_app.app_context():
@@ -241,30 +267,48 @@ class Relay:
                                 str(exc).splitlines()[0][:200] if str(exc) else "")
                     self.stopping.wait(1.0)
 
+    def _drain(self) -> None:
+        drain(self.celery_app, **self.which)
+
     def _serve(self) -> None:
         from shared.db import db
 
         if db.engine.dialect.name != "postgresql":
             while not self.stopping.is_set():
-                drain(self.celery_app, **self.which)
+                self._drain()
                 self.stopping.wait(POLL_S)
+            return
+        if not self.listen:
+            self._drain()
+            while not self.stopping.is_set():
+                if self.woken.wait(1.0) and not self.stopping.is_set():
+                    if self.linger:
+                        self.stopping.wait(self.linger)
+                    # Cleared before the claim: a commit from here on wakes it again.
+                    self.woken.clear()
+                    self._drain()
             return
         import psycopg
 
         url = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-        with psycopg.connect(url, autocommit=True) as conn:
+        with psycopg.connect(url, autocommit=True, application_name="txmon-relay") as conn:
             conn.execute("LISTEN txmon_outbox")
-            drain(self.celery_app, **self.which)
+            # Listening (again): what was committed before is claimed now, by every loop.
+            for follower in self.followers:
+                follower.wake()
+            self._drain()
             while not self.stopping.is_set():
-                woke = any(True for _ in conn.notifies(timeout=1.0, stop_after=1))
-                if woke:
+                if any(True for _ in conn.notifies(timeout=1.0, stop_after=1)):
+                    for follower in self.followers:
+                        follower.wake()
                     if self.linger:
                         self.stopping.wait(self.linger)
-                    drain(self.celery_app, **self.which)
+                    self._drain()
 
 
 class OutboxRelayStep(bootsteps.StartStopStep):
-    """Celery worker bootstep running the relay thread (off with TXMON_RELAY=0)."""
+    """Celery worker bootstep running the relay loops, a thread each (off with
+    TXMON_RELAY=0)."""
 
     requires = {"celery.worker.components:Pool"}
 
@@ -272,16 +316,15 @@ class OutboxRelayStep(bootsteps.StartStopStep):
         import os
 
         self.enabled = os.environ.get("TXMON_RELAY", "1") != "0"
-        self.relays = []
+        self.relays: dict[str, Relay] = {}
 
     def start(self, worker):
-        for name, which in _loops().items():
-            relay = Relay(worker.app, which, linger=_linger(name))
+        self.relays = relays(worker.app)
+        for name, relay in self.relays.items():
             threading.Thread(target=relay.run, name=f"outbox-relay-{name}",
                              daemon=True).start()
-            self.relays.append(relay)
-        log.info("Outbox relay started (%s)", ", ".join(_loops()))
+        log.info("Outbox relay started (%s)", ", ".join(self.relays))
 
     def stop(self, worker):
-        for relay in self.relays:
-            relay.stopping.set()
+        for relay in self.relays.values():
+            relay.stop()
