@@ -1146,7 +1146,8 @@ def render(res: dict, rerun: str) -> str:
         rows_per = sum(p0["kinds"].get(t, 0) for t in (PUSH, EMAIL, CHECK, DELIVER)) / (2 * p0["n"])
         batches = sum(v for k, v in p0["metrics"]["task_runs"].items()
                       if k.startswith("txmon.outbox.run_batch/"))
-        L.append(f"Celery's own ceiling: a delivery costs {rows_per:g} outbox rows (one push + "
+        L.append(f"Celery's own ceiling: a delivery costs {rows_per:g} outbox "
+                 f"row{'' if rows_per == 1 else 's'} (one push + "
                  "email row per notification and its alert check: half a row each per delivery),"
                  f" and this host drained at most {noop_best:,.0f} no-op tasks/s (steady, best "
                  "concurrency; the prefork main process, which receives, acknowledges and reports"
