@@ -47,3 +47,33 @@ def child_exit(server, worker):
     from prometheus_flask_exporter.multiprocess import GunicornInternalPrometheusMetrics
 
     GunicornInternalPrometheusMetrics.mark_process_dead_on_child_exit(worker.pid)
+
+
+
+def post_worker_init(worker):
+    """A gevent worker quits once, without a traceback. Ctrl-C sends SIGINT to every process
+    of the terminal's group and the master then sends each worker SIGQUIT too. gunicorn's
+    gevent worker handles each in a new greenlet that sleeps 0.1 s, then calls sys.exit(0);
+    a second such greenlet, or the first when the worker's own loop had finished in those
+    0.1 s, ran while the worker was already shutting down and printed a SystemExit
+    traceback. Here only the first quit signal starts that greenlet, and worker_exit (below)
+    ends it if it is still waiting when the worker exits anyway."""
+    if type(worker).__module__ != "gunicorn.workers.ggevent":
+        return
+    import signal
+
+    import gevent
+    from gunicorn.workers.base import Worker
+
+    def quit_once(sig, frame):
+        if getattr(worker, "txmon_quit", None) is None:
+            worker.txmon_quit = gevent.spawn(Worker.handle_quit, worker, sig, frame)
+
+    for sig in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, quit_once)
+
+
+def worker_exit(server, worker):
+    quit_greenlet = getattr(worker, "txmon_quit", None)
+    if quit_greenlet is not None:
+        quit_greenlet.kill()

@@ -1,0 +1,50 @@
+"""Ctrl-C stops the API cleanly (gunicorn.conf.py ``post_worker_init`` and ``worker_exit``).
+
+A terminal's Ctrl-C sends SIGINT to every process of its group: the gunicorn master and
+each worker. The master then sends each worker SIGQUIT as well. Without the hooks, a
+gevent worker printed a SystemExit traceback as it quit, nearly every time.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import requests
+
+from tests.test_log_secrets import GUNICORN, ROOT, _free_port, _wait_until_up
+
+
+def test_ctrl_c__every_process_quits_without_a_traceback(app, database_url, tmp_path):
+    port = _free_port()
+    env = dict(os.environ, PORT=str(port), DATABASE_URL=database_url,
+               TXMON_SERVICE_KEYS=",".join(app.config["SERVICE_KEYS"]),
+               TXMON_JWT_SECRET=app.config["JWT_SECRET"], TXMON_WEB_WORKERS="2",
+               TXMON_WORKER_CLASS="gevent", TXMON_RATELIMIT_STORAGE="memory://",
+               PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"))
+    for name in ("TXMON_ACCESS_LOG", "TXMON_BIND"):
+        env.pop(name, None)
+    out, err = tmp_path / "gunicorn.out", tmp_path / "gunicorn.err"
+    with out.open("wb") as fout, err.open("wb") as ferr:
+        proc = subprocess.Popen([str(GUNICORN), "-c", "gunicorn.conf.py", "api_service.wsgi:app"],
+                                cwd=ROOT, env=env, stdout=fout, stderr=ferr,
+                                start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_until_up(proc, base, out, err)
+        # Every worker serving: each request comes on a new connection, which the kernel
+        # hands to one of the workers' own listening sockets (reuse_port); a worker
+        # answers only once it runs, i.e. after its post_worker_init.
+        for _ in range(24):
+            assert requests.get(f"{base}/healthz", timeout=10).status_code == 200
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    output = out.read_text(errors="replace") + err.read_text(errors="replace")
+    assert code == 0, output[-3000:]
+    assert output.count("Worker exiting") == 2, output[-3000:]
+    assert "Traceback" not in output and "SystemExit" not in output, output[-3000:]
+    assert "Shutting down: Master" in output
