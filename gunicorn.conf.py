@@ -50,6 +50,14 @@ def child_exit(server, worker):
 
 
 
+
+def when_ready(server):
+    """With reuse_port the master binds nothing (each worker binds its own socket), and
+    gunicorn's "Listening at:" line came out empty: say where the API is."""
+    if server.cfg.reuse_port:
+        server.log.info("Listening at: %s (a socket per worker: reuse_port)",
+                        ", ".join(f"http://{address}" for address in server.cfg.bind))
+
 def post_worker_init(worker):
     """A gevent worker quits once, without a traceback. Ctrl-C sends SIGINT to every process
     of the terminal's group and the master then sends each worker SIGQUIT too. gunicorn's

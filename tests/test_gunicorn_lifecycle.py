@@ -1,6 +1,7 @@
-"""Ctrl-C stops the API cleanly (gunicorn.conf.py ``post_worker_init`` and ``worker_exit``).
+"""The API under gunicorn as scripts/run serves it: it says where it listens, and Ctrl-C
+stops it cleanly (gunicorn.conf.py ``when_ready``, ``post_worker_init`` and ``worker_exit``).
 
-A terminal's Ctrl-C sends SIGINT to every process of its group: the gunicorn master and
+With reuse_port, gunicorn's own "Listening at:" line named no address. A terminal's Ctrl-C sends SIGINT to every process of its group: the gunicorn master and
 each worker. The master then sends each worker SIGQUIT as well. Without the hooks, a
 gevent worker printed a SystemExit traceback as it quit, nearly every time.
 """
@@ -15,7 +16,7 @@ import requests
 from tests.test_log_secrets import GUNICORN, ROOT, _free_port, _wait_until_up
 
 
-def test_ctrl_c__every_process_quits_without_a_traceback(app, database_url, tmp_path):
+def test_says_where_it_listens__ctrl_c_quits_every_process_without_a_traceback(app, database_url, tmp_path):
     port = _free_port()
     env = dict(os.environ, PORT=str(port), DATABASE_URL=database_url,
                TXMON_SERVICE_KEYS=",".join(app.config["SERVICE_KEYS"]),
@@ -48,3 +49,4 @@ def test_ctrl_c__every_process_quits_without_a_traceback(app, database_url, tmp_
     assert output.count("Worker exiting") == 2, output[-3000:]
     assert "Traceback" not in output and "SystemExit" not in output, output[-3000:]
     assert "Shutting down: Master" in output
+    assert f"Listening at: http://127.0.0.1:{port} " in output, output[:2000]
