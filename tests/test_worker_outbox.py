@@ -281,12 +281,19 @@ def test_one_listening_connection_per_worker__both_loops_still_woken(
     from tests.worker_support import pid_owning_local_port
 
     worker = workers.start(concurrency=1)
-    listening = rows(app, "SELECT client_port FROM pg_stat_activity"
-                          " WHERE datname = current_database() AND query = 'LISTEN txmon_outbox'")
-    owned = [r for r in listening if pid_owning_local_port(r["client_port"], [worker.pid])]
-    assert len(owned) == 1, f"listening backends of the worker: {owned} (all: {listening})"
+
+    def owned() -> list[dict]:
+        listening = rows(app, "SELECT client_port FROM pg_stat_activity WHERE datname ="
+                              " current_database() AND query = 'LISTEN txmon_outbox'")
+        return [r for r in listening if pid_owning_local_port(r["client_port"], [worker.pid])]
+
+    # "Outbox relay started" is logged as the loops' threads start, before they connect.
+    wait_until(lambda: owned(), timeout=15, message="the worker's relay listening")
+    time.sleep(1.0)  # room for a second listener to show up, if there were one
+    listeners = owned()
+    assert len(listeners) == 1, f"listening backends of the worker: {listeners}"
     assert rows(app, "SELECT application_name FROM pg_stat_activity WHERE client_port = :p",
-                p=owned[0]["client_port"]) == [{"application_name": "txmon-relay"}]
+                p=listeners[0]["client_port"]) == [{"application_name": "txmon-relay"}]
 
     subscriber = redis_server.client().pubsub(ignore_subscribe_messages=True)
     subscriber.subscribe("txmon:rt:user:listen-1")
