@@ -1082,7 +1082,7 @@ def phase_latency(st: Stack, args, res: dict, rate: float, warmup: float,
         time.sleep(0.5)
     threads1, t_threads1 = thread_ticks(st.worker.pid), time.monotonic()
     recv.send("quit")
-    L = latency_stats(data, socks, args)
+    L = latency_stats(data, socks, args, rate)
     L.update({"rate_target": rate, "warmup": warmup, "duration": duration, "cpu": cpu.result,
               "drain_s": round(time.monotonic() - t_load_end, 1),
               "outbox_backlog_at_load_end": backlog_at_end,
@@ -1114,7 +1114,7 @@ def phase_latency(st: Stack, args, res: dict, rate: float, warmup: float,
     return L
 
 
-def latency_stats(load: dict, socks: dict, args) -> dict:
+def latency_stats(load: dict, socks: dict, args, rate: float | None = None) -> dict:
     ws = {}
     dup = 0
     for t, u, s in socks["events"]:
@@ -1146,6 +1146,15 @@ def latency_stats(load: dict, socks: dict, args) -> dict:
     lag = [p[4] - p[3] for p in meas]
     resp_tap = [tap[(p[2], p[7])] - p[5] for p in good if (p[2], p[7]) in tap]
     tap_ws = [ws[k] - tap[k] for k in ((p[2], p[7]) for p in good) if k in ws and k in tap]
+    if getattr(args, "samples", None):
+        # One line per measured purchase (CLOCK_MONOTONIC seconds): when a stall happened and
+        # on which leg, which percentiles cannot tell.
+        with open(args.samples, "a") as fh:
+            for p in good:
+                k = (p[2], p[7])
+                fh.write(json.dumps({"rate": rate, "user": p[2], "seq": p[7],
+                                     "request_sent": p[4], "response": p[5],
+                                     "published": tap.get(k), "received": ws.get(k)}) + "\n")
     ref = ref_stats(load, socks)
     status = Counter(p[6] for p in load["purchases"])
     return {
@@ -1801,6 +1810,8 @@ def main(argv=None) -> int:
                         "--celery-arg=-Q --celery-arg=reconcile (the consumer idle; repeatable)")
     p.add_argument("--skip-idle", action="store_true", help="latency only (implies --no-doc)")
     p.add_argument("--no-doc", action="store_true", help="do not write docs/PERFORMANCE.md")
+    p.add_argument("--samples", metavar="FILE",
+                   help="append every measured purchase's timestamps to FILE as JSON lines")
     p.add_argument("--budget", type=int, default=360, help="hard time limit, s (360)")
     p.add_argument("--render", metavar="RESULTS_JSON",
                    help="only rewrite the doc section from a previous run's results.json")
