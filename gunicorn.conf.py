@@ -49,8 +49,6 @@ def child_exit(server, worker):
     GunicornInternalPrometheusMetrics.mark_process_dead_on_child_exit(worker.pid)
 
 
-
-
 def when_ready(server):
     """With reuse_port the master binds nothing (each worker binds its own socket), and
     gunicorn's "Listening at:" line came out empty: say where the API is."""
@@ -58,10 +56,11 @@ def when_ready(server):
         server.log.info("Listening at: %s (a socket per worker: reuse_port)",
                         ", ".join(f"http://{address}" for address in server.cfg.bind))
 
+
 def post_worker_init(worker):
     """The app is loaded: move every object alive now (modules, the app, SQLAlchemy's
     metadata) out of the garbage collector's reach (``gc.freeze``). A full collection walked
-    all of them with the event loop stopped, 85-200 ms during which no socket of the
+    all of them with the event loop stopped, 85-205 ms during which no socket of the
     process moved (measured with a gc callback under scripts/bench_ws); after, 4-23 ms.
 
     A gevent worker quits once, without a traceback. Ctrl-C sends SIGINT to every process
@@ -90,6 +89,7 @@ def post_worker_init(worker):
 
 
 def worker_exit(server, worker):
+    """The worker is exiting: a quit greenlet still waiting (post_worker_init) ends here."""
     quit_greenlet = getattr(worker, "txmon_quit", None)
     if quit_greenlet is not None:
         quit_greenlet.kill()

@@ -1,7 +1,7 @@
 """Start-up objects are frozen out of the garbage collector's full collections.
 
 A full collection in an API worker or in the Celery worker's main process walked every
-object loaded at start-up and stalled the process for 80-200 ms (docs/DECISIONS.md). The
+object loaded at start-up and stalled the process for 80-205 ms (docs/DECISIONS.md). The
 API freezes them once the app is loaded (gunicorn.conf.py ``post_worker_init``), the worker
 once it is ready and in each pool child as it starts (worker_service/celery_app.py).
 """
