@@ -9,29 +9,17 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 
 import requests
 
-from tests.test_log_secrets import GUNICORN, ROOT, _free_port, _wait_until_up
+from tests.test_log_secrets import _wait_until_up, start_gunicorn
 
 
-def test_says_where_it_listens__ctrl_c_quits_every_process_without_a_traceback(app, database_url, tmp_path):
-    port = _free_port()
-    env = dict(os.environ, PORT=str(port), DATABASE_URL=database_url,
-               TXMON_SERVICE_KEYS=",".join(app.config["SERVICE_KEYS"]),
-               TXMON_JWT_SECRET=app.config["JWT_SECRET"], TXMON_WEB_WORKERS="2",
-               TXMON_WORKER_CLASS="gevent", TXMON_RATELIMIT_STORAGE="memory://",
-               PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"))
-    for name in ("TXMON_ACCESS_LOG", "TXMON_BIND"):
-        env.pop(name, None)
-    out, err = tmp_path / "gunicorn.out", tmp_path / "gunicorn.err"
-    with out.open("wb") as fout, err.open("wb") as ferr:
-        proc = subprocess.Popen([str(GUNICORN), "-c", "gunicorn.conf.py", "api_service.wsgi:app"],
-                                cwd=ROOT, env=env, stdout=fout, stderr=ferr,
-                                start_new_session=True)
+def test_says_where_it_listens__ctrl_c_quits_every_process_without_a_traceback(
+        app, database_url, tmp_path):
+    proc, base, out, err = start_gunicorn(app, database_url, tmp_path, workers=2,
+                                          TXMON_WORKER_CLASS="gevent")
     try:
-        base = f"http://127.0.0.1:{port}"
         _wait_until_up(proc, base, out, err)
         # Every worker serving: each request comes on a new connection, which the kernel
         # hands to one of the workers' own listening sockets (reuse_port); a worker
@@ -49,4 +37,4 @@ def test_says_where_it_listens__ctrl_c_quits_every_process_without_a_traceback(a
     assert output.count("Worker exiting") == 2, output[-3000:]
     assert "Traceback" not in output and "SystemExit" not in output, output[-3000:]
     assert "Shutting down: Master" in output
-    assert f"Listening at: http://127.0.0.1:{port} " in output, output[:2000]
+    assert f"Listening at: {base} " in output, output[:2000]

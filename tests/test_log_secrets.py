@@ -261,21 +261,30 @@ def _wait_until_up(proc, base: str, out: Path, err: Path) -> None:
     pytest.fail(f"gunicorn did not answer /healthz:\n{out.read_text()}\n{err.read_text()}")
 
 
-def test_gunicorn_output_has_no_token_or_key(api, app, database_url, tmp_path):
-    s = _secrets(api, app)
+def start_gunicorn(app, database_url: str, tmp_path: Path, *, workers: int, **env):
+    """gunicorn as scripts/run serves the API (gunicorn.conf.py, access log on its stdout)
+    on a free port, with the test database and the app's secrets, in a process group of
+    its own. Returns (process, base URL, stdout file, stderr file); it may still be
+    starting."""
     port = _free_port()
     env = dict(os.environ, PORT=str(port), DATABASE_URL=database_url,
                TXMON_SERVICE_KEYS=",".join(app.config["SERVICE_KEYS"]),
-               TXMON_JWT_SECRET=app.config["JWT_SECRET"], TXMON_WEB_WORKERS="1",
+               TXMON_JWT_SECRET=app.config["JWT_SECRET"], TXMON_WEB_WORKERS=str(workers),
                TXMON_RATELIMIT_STORAGE="memory://",
-               PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"))
+               PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"), **env)
     for name in ("TXMON_ACCESS_LOG", "TXMON_BIND"):
         env.pop(name, None)
     out, err = tmp_path / "gunicorn.out", tmp_path / "gunicorn.err"
     with out.open("wb") as fout, err.open("wb") as ferr:
         proc = subprocess.Popen([str(GUNICORN), "-c", "gunicorn.conf.py", "api_service.wsgi:app"],
-                                cwd=ROOT, env=env, stdout=fout, stderr=ferr)
-    base = f"http://127.0.0.1:{port}"
+                                cwd=ROOT, env=env, stdout=fout, stderr=ferr,
+                                start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}", out, err
+
+
+def test_gunicorn_output_has_no_token_or_key(api, app, database_url, tmp_path):
+    s = _secrets(api, app)
+    proc, base, out, err = start_gunicorn(app, database_url, tmp_path, workers=1)
     answers = []
     try:
         _wait_until_up(proc, base, out, err)
