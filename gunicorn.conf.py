@@ -57,22 +57,16 @@ def when_ready(server):
                         ", ".join(f"http://{address}" for address in server.cfg.bind))
 
 
-def post_worker_init(worker):
-    """The app is loaded: move every object alive now (modules, the app, SQLAlchemy's
-    metadata) out of the garbage collector's reach (``gc.freeze``). A full collection walked
-    all of them with the event loop stopped, 85-205 ms during which no socket of the
-    process moved (measured with a gc callback under scripts/bench_ws); after, 4-23 ms.
-
-    A gevent worker quits once, without a traceback. Ctrl-C sends SIGINT to every process
+def post_fork(server, worker):
+    """A gevent worker quits once, without a traceback. Ctrl-C sends SIGINT to every process
     of the terminal's group and the master then sends each worker SIGQUIT too. gunicorn's
     gevent worker handles each in a new greenlet that sleeps 0.1 s, then calls sys.exit(0);
     a second such greenlet, or the first when the worker's own loop had finished in those
     0.1 s, ran while the worker was already shutting down and printed a SystemExit
     traceback. Here only the first quit signal starts that greenlet, and worker_exit (below)
-    ends it if it is still waiting when the worker exits anyway."""
-    import gc
-
-    gc.freeze()
+    ends it if it is still waiting when the worker exits anyway. The handler goes in as
+    gunicorn installs its own (``init_signals``, before the app is loaded), so it covers the
+    worker's start-up too."""
     if type(worker).__module__ != "gunicorn.workers.ggevent":
         return
     import signal
@@ -80,16 +74,32 @@ def post_worker_init(worker):
     import gevent
     from gunicorn.workers.base import Worker
 
+    init_signals = worker.init_signals
+
     def quit_once(sig, frame):
         if getattr(worker, "txmon_quit", None) is None:
             worker.txmon_quit = gevent.spawn(Worker.handle_quit, worker, sig, frame)
 
-    for sig in (signal.SIGINT, signal.SIGQUIT):
-        signal.signal(sig, quit_once)
+    def init_signals_quitting_once():
+        init_signals()
+        for sig in (signal.SIGINT, signal.SIGQUIT):
+            signal.signal(sig, quit_once)
+
+    worker.init_signals = init_signals_quitting_once
+
+
+def post_worker_init(worker):
+    """The app is loaded: move every object alive now (modules, the app, SQLAlchemy's
+    metadata) out of the garbage collector's reach (``gc.freeze``). A full collection walked
+    all of them with the event loop stopped, 85-205 ms during which no socket of the
+    process moved (measured with a gc callback under scripts/bench_ws); after, 4-23 ms."""
+    import gc
+
+    gc.freeze()
 
 
 def worker_exit(server, worker):
-    """The worker is exiting: a quit greenlet still waiting (post_worker_init) ends here."""
+    """The worker is exiting: a quit greenlet still waiting (post_fork) ends here."""
     quit_greenlet = getattr(worker, "txmon_quit", None)
     if quit_greenlet is not None:
         quit_greenlet.kill()
