@@ -1,9 +1,10 @@
 """The API under gunicorn as scripts/run serves it: it says where it listens, and Ctrl-C
-stops it cleanly (gunicorn.conf.py ``when_ready``, ``post_worker_init`` and ``worker_exit``).
+stops it cleanly (gunicorn.conf.py ``when_ready``, ``post_fork`` and ``worker_exit``).
 
-With reuse_port, gunicorn's own "Listening at:" line named no address. A terminal's Ctrl-C sends SIGINT to every process of its group: the gunicorn master and
-each worker. The master then sends each worker SIGQUIT as well. Without the hooks, a
-gevent worker printed a SystemExit traceback as it quit, nearly every time.
+With reuse_port, gunicorn's own "Listening at:" line named no address. A terminal's Ctrl-C
+sends SIGINT to every process of its group: the gunicorn master and each worker. The master
+then sends each worker SIGQUIT as well. Without the hooks, a gevent worker printed a
+SystemExit traceback as it quit, nearly every time.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def test_says_where_it_listens__ctrl_c_quits_every_process_without_a_traceback(
         _wait_until_up(proc, base, out, err)
         # Every worker serving: each request comes on a new connection, which the kernel
         # hands to one of the workers' own listening sockets (reuse_port); a worker
-        # answers only once it runs, i.e. after its post_worker_init.
+        # answers only once it runs, i.e. after its start-up.
         for _ in range(24):
             assert requests.get(f"{base}/healthz", timeout=10).status_code == 200
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
