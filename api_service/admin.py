@@ -38,3 +38,52 @@ def acknowledge(alert_id, principal, body):
            responses={200: s.ReconciliationOut})
 def reconciliation(principal):
     return jsonify(reconcile.last_run())
+
+
+# -- the outbox: follow-up work not yet done, dead letters and their re-drive ----------------
+
+from pydantic import BaseModel  # noqa: E402
+
+from shared import outbox  # noqa: E402
+
+
+class OutboxTaskCounts(BaseModel):
+    backlog: int
+    in_flight: int
+    dead: int
+
+
+class OutboxOut(BaseModel):
+    backlog: int
+    oldest_due_age_s: float
+    in_flight: int
+    dead: int
+    by_task: dict[str, OutboxTaskCounts]
+
+
+class OutboxRowOut(BaseModel):
+    id: int
+    task: str
+    user_id: str | None
+    payload: dict
+    attempts: int
+    available_at: str
+    created_at: str
+    dispatched_at: str | None
+    completed_at: str | None
+    dead_at: str | None
+    last_error: str | None
+
+
+@bp.get("/outbox")
+@operation("Follow-up work not yet done, and dead letters", auth_as="admin", tags=TAGS,
+           responses={200: OutboxOut})
+def outbox_status(principal):
+    return jsonify(outbox.stats())
+
+
+@bp.post("/outbox/<int(min=1, max=9223372036854775807):outbox_id>/retry")
+@operation("Re-drive a dead outbox row", auth_as="admin", tags=TAGS,
+           responses={200: OutboxRowOut, 404: s.ErrorOut, 409: s.ErrorOut})
+def outbox_retry(outbox_id, principal):
+    return jsonify(outbox.serialize(outbox.retry_dead(outbox_id=outbox_id)))

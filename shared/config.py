@@ -56,7 +56,6 @@ class Config:
         self.CELERY_VISIBILITY_TIMEOUT_S = _int_env("CELERY_VISIBILITY_TIMEOUT_S", 86400 + 3600)
         self.CELERY_BROKER_URL = env.get("CELERY_BROKER_URL") or None
         self.CELERY_PREFETCH = _int_env("CELERY_PREFETCH", 4)
-        self.OUTBOX_LEASE_S = _int_env("TXMON_OUTBOX_LEASE_S", 600)
         self.WS_QUEUE_SIZE = _int_env("TXMON_WS_QUEUE_SIZE", 256)
         # Plain HTTP requests running at once per API process; websockets are not counted
         # (api_service/admission.py). 0: no limit.

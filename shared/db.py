@@ -74,11 +74,6 @@ def _sqlite_begin(conn):
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def is_postgres(conn_or_engine) -> bool:
-    """True when the connection or engine talks to PostgreSQL."""
-    return conn_or_engine.dialect.name == "postgresql"
-
-
 class RawSql:
     """Fixed SQL on a DBAPI connection: the ledger's hot path.
 

@@ -1,17 +1,49 @@
-"""Delivering notifications: push to the user's realtime channel and email, per preferences."""
+"""Channels: how a notification reaches its user outside the app (push, email).
+
+A channel answers "is this notification wanted on me" (the user's preferences) and "send
+these" (a batch, in one connection). ``deliver`` runs one channel over a batch of
+notifications: one query loads them with their accounts, preferences and transactions,
+the channel sends what is wanted, one statement per outcome records it. No row lock is
+held while sending: the outbox lease keeps a second runner away, and a notification's
+email is recorded once (``email_status`` moves from pending only).
+
+A new channel (webhook, SMS) is one class here plus its handler in worker_service.
+"""
 from __future__ import annotations
 
+import json
 import logging
 
 from sqlalchemy import bindparam, select, update
 
-from shared import mail, notifications, realtime
-from shared.db import RawSql, db, utcnow
+from shared import mail, notifications, outbox, realtime
+from shared.db import db
 from shared.metrics import EMAILS, NOTIFICATIONS
 from shared.models import Account, Notification, NotificationPreferences, Transaction
 from shared.money import dollars
 
 log = logging.getLogger("txmon.delivery")
+
+_n, _a = Notification.__table__, Account.__table__
+_p, _t = NotificationPreferences.__table__, Transaction.__table__
+_BATCH = (
+    select(*_n.c, _a.c.email.label("account_email"),
+           _a.c.balance_cents.label("account_balance_cents"),
+           _a.c.user_id.label("account_user_id"),
+           _p.c.user_id.label("prefs_user_id"),
+           *[_p.c[f].label(f"pref_{f}") for f in notifications.PREFERENCE_FIELDS],
+           _t.c.balance_after_cents.label("tx_balance_after_cents"))
+    .select_from(_n.outerjoin(_a, _a.c.user_id == _n.c.user_id)
+                 .outerjoin(_p, _p.c.user_id == _n.c.user_id)
+                 .outerjoin(_t, _t.c.id == _n.c.transaction_id))
+    .where(_n.c.id.in_(bindparam("ids", expanding=True))))
+
+
+def preferences_of(row) -> dict:
+    """The preferences loaded with a ``_BATCH`` row (defaults where never set)."""
+    if row.prefs_user_id is None:
+        return dict(notifications.DEFAULT_PREFERENCES)
+    return {f: row._mapping[f"pref_{f}"] for f in notifications.PREFERENCE_FIELDS}
 
 
 def wanted(channel: str, n, prefs: dict) -> bool:
@@ -24,180 +56,144 @@ def wanted(channel: str, n, prefs: dict) -> bool:
     return True
 
 
-def push(*, notification_id: int) -> str:
-    """Publish the notification on its owner's channel; returns "sent", "skipped" or "gone"."""
-    n = db.session.get(Notification, notification_id)
-    if n is None:
-        return "gone"
-    if not wanted("push", n, notifications.get_preferences(user_id=n.user_id)):
-        return "skipped"
-    realtime.publish(realtime.user_channel(n.user_id),
-                     {"type": "notification", "notification": notifications.serialize(n)})
-    NOTIFICATIONS.labels(type=n.type, success="true").inc()
-    return "sent"
+class Push:
+    """The user's realtime channel (Redis pub/sub, read by the API's websockets)."""
+
+    name, task = "push", outbox.PUSH
+
+    def wanted(self, row) -> bool:
+        return wanted("push", row, preferences_of(row))
+
+    def send(self, rows: list) -> dict[int, Exception | None]:
+        """Publish every notification in one Redis pipeline (all or nothing)."""
+        from flask import current_app
+
+        from shared.redis_client import client
+
+        pipe = client(current_app.config["REDIS_URL"]).pipeline(transaction=False)
+        for row in rows:
+            pipe.publish(realtime.user_channel(row.user_id), json.dumps(
+                {"type": "notification", "notification": notifications.serialize(row)}))
+        pipe.execute()
+        return {row.id: None for row in rows}
+
+    def record(self, conn, sent: list, skipped: list) -> None:
+        """Push keeps no per-notification state of its own."""
+
+    def record_failed(self, conn, ids: list) -> None:
+        """Nothing to record (see ``record``)."""
 
 
-def email(*, notification_id: int) -> str:
-    """Email the notification once; returns its final email_status (or "gone").
+class Email:
+    """Email over SMTP_URL: one connection for the batch, a stable Message-ID per
+    notification (so the rare duplicate, a worker dying between the server's acceptance
+    and the commit, is recognisable)."""
 
-    The row is locked while sending so a redelivered task waits and then sees "sent".
-    Raises on transient SMTP trouble (the caller retries).
-    """
-    n = db.session.scalar(select(Notification).where(Notification.id == notification_id)
-                          .with_for_update())
-    if n is None:
-        db.session.rollback()
-        return "gone"
-    if n.email_status != "pending":
-        db.session.rollback()
-        return n.email_status
-    account = db.session.get(Account, n.user_id)
-    prefs = notifications.get_preferences(user_id=n.user_id)
-    if account is None or not account.email or not wanted("email", n, prefs):
-        return _set_email_status(n, "skipped")
-    context = {"title": n.title, "message": n.message, "wallet_url": _wallet_url(),
-               **_amounts(n, account)}
-    mail.send(mail.build(to=account.email, subject=f"txmon: {n.title}", context=context))
-    EMAILS.labels(result="sent").inc()
-    NOTIFICATIONS.labels(type=n.type, success="true").inc()
-    log.info("Email sent: Type=%s, User=%s", n.type, n.user_id)
-    return _set_email_status(n, "sent")
+    name, task = "email", outbox.SEND_EMAIL
 
+    def wanted(self, row) -> bool:
+        return (row.account_user_id is not None and bool(row.account_email)
+                and wanted("email", row, preferences_of(row)))
 
-def _amounts(n: Notification, account: Account) -> dict:
-    """The email's "Amount" and "New balance" as of the notification, not of sending."""
-    if n.type == "low_balance":  # amount_cents holds the balance that triggered it
-        return {"amount": None, "balance": dollars(n.amount_cents)}
-    balance = account.balance_cents
-    if n.transaction_id is not None:
-        tx = db.session.get(Transaction, n.transaction_id)
-        balance = tx.balance_after_cents if tx else balance
-    return {"amount": dollars(abs(n.amount_cents or 0)), "balance": dollars(balance)}
+    def send(self, rows: list) -> dict[int, Exception | None]:
+        """Send each email; a connection-level failure fails the rest of the batch at once
+        (the server is in trouble: no second timeout per message)."""
+        results: dict[int, Exception | None] = {}
+        trouble: Exception | None = None
+        for row in rows:
+            if trouble is not None:
+                results[row.id] = trouble
+                continue
+            try:
+                mail.send(mail.build(to=row.account_email, subject=f"txmon: {row.title}",
+                                     context=_context(row), message_id=message_id(row.id)))
+                results[row.id] = None
+            except mail.REFUSED as exc:  # this recipient only
+                results[row.id] = exc
+            except Exception as exc:
+                results[row.id] = trouble = exc
+        return results
 
+    def record(self, conn, sent: list, skipped: list) -> None:
+        for status, ids in (("sent", sent), ("skipped", skipped)):
+            if ids:
+                conn.execute(_SET_EMAIL, {"status": status, "ids": ids})
 
-def mark_email_failed(*, notification_id: int) -> None:
-    """Record that email delivery gave up (retries spent)."""
-    db.session.rollback()
-    db.session.execute(update(Notification).where(Notification.id == notification_id,
-                                                   Notification.email_status == "pending")
-                       .values(email_status="failed"))
-    db.session.commit()
-    EMAILS.labels(result="failed").inc()
+    def record_failed(self, conn, ids: list) -> None:
+        if ids:
+            conn.execute(_SET_EMAIL, {"status": "failed", "ids": ids})
 
 
-def _set_email_status(n: Notification, status: str) -> str:
-    n.email_status = status
-    db.session.commit()
-    if status == "skipped":
-        EMAILS.labels(result="skipped").inc()
-    return status
+_SET_EMAIL = (update(Notification)
+              .where(Notification.id.in_(bindparam("ids", expanding=True)),
+                     Notification.email_status == "pending")
+              .values(email_status=bindparam("status")))
+CHANNELS = {c.name: c for c in (Push(), Email())}
 
 
-def _wallet_url() -> str:
-    from flask import current_app
-
-    return current_app.config["TXMON_PUBLIC_URL"].rstrip("/") + "/wallet"
-
-
-# -- push and email in one run ---------------------------------------------------------------
-
-_n, _a = Notification.__table__, Account.__table__
-_p, _t = NotificationPreferences.__table__, Transaction.__table__
-_DELIVERY_ROW = (
-    select(*_n.c, _a.c.email.label("account_email"),
-           _a.c.balance_cents.label("account_balance_cents"),
-           _a.c.user_id.label("account_user_id"),
-           _p.c.user_id.label("prefs_user_id"),
-           *[_p.c[f].label(f"pref_{f}") for f in notifications.PREFERENCE_FIELDS],
-           _t.c.balance_after_cents.label("tx_balance_after_cents"))
-    .select_from(_n.outerjoin(_a, _a.c.user_id == _n.c.user_id)
-                 .outerjoin(_p, _p.c.user_id == _n.c.user_id)
-                 .outerjoin(_t, _t.c.id == _n.c.transaction_id))
-    .where(_n.c.id == bindparam("notification_id")))
-_DELIVERY_ROW_LOCKED = _DELIVERY_ROW.with_for_update(of=_n)
-_SET_STATUS = "UPDATE notifications SET email_status = %s WHERE id = %s"
-_COMPLETE = "UPDATE outbox SET completed_at = %s WHERE id = %s AND completed_at IS NULL"
+def message_id(notification_id: int) -> str:
+    """The Message-ID every email of one notification carries."""
+    return f"<notification-{notification_id}@txmon.local>"
 
 
-class EmailFailed(Exception):
-    """The email of ``deliver`` failed (``__cause__`` says why); the push, if wanted, was
-    sent and the notification's email is still pending."""
-
-
-def deliver(*, notification_id: int, outbox_id: int | None = None,
-            push_failed: bool = False) -> dict:
-    """Push and email one notification in one database transaction.
-
-    One query loads the notification (locked, as ``email`` does), its account, preferences
-    and transaction. While the email is pending, the push is published (if wanted), then the
-    email sent (if wanted) and ``email_status`` set, and with ``outbox_id`` the outbox row
-    marked completed, all in one commit. A notification whose email is already final was
-    delivered before (the push comes first), so a redelivered run sends nothing again.
-
-    ``push_failed``: the push could not be published and will not be retried; it is
-    counted as failed and the email still goes.
-
-    Returns {"push": ..., "email": ..., "completed": bool}. Raises EmailFailed (after
-    rolling back: the email stays pending) when sending failed, and anything else as is.
-    """
+def deliver(channel_name: str, notification_ids: list[int]) -> dict[int, object]:
+    """Deliver ``notification_ids`` on one channel; returns, per id, "sent", "skipped",
+    "gone" (the notification no longer exists), "done" (delivered before) or the exception
+    its send raised (the caller's retry schedule decides)."""
+    channel = CHANNELS[channel_name]
     with db.engine.connect() as conn:
-        with conn.begin():
-            q = _DELIVERY_ROW_LOCKED if conn.dialect.name == "postgresql" else _DELIVERY_ROW
-            row = conn.execute(q, {"notification_id": notification_id}).first()
-            if row is None:
-                _complete(conn, outbox_id)
-                return {"push": "gone", "email": "gone", "completed": outbox_id is not None}
-            if row.email_status != "pending":
-                _complete(conn, outbox_id)
-                return {"push": "done", "email": row.email_status,
-                        "completed": outbox_id is not None}
-            prefs = (dict(notifications.DEFAULT_PREFERENCES) if row.prefs_user_id is None
-                     else {f: row._mapping[f"pref_{f}"] for f in notifications.PREFERENCE_FIELDS})
-            pushed = "skipped"
-            if wanted("push", row, prefs):
-                if push_failed:
-                    NOTIFICATIONS.labels(type=row.type, success="false").inc()
-                    pushed = "failed"
-                else:
-                    realtime.publish(realtime.user_channel(row.user_id),
-                                     {"type": "notification",
-                                      "notification": notifications.serialize(row)})
-                    NOTIFICATIONS.labels(type=row.type, success="true").inc()
-                    pushed = "sent"
-            status = "skipped"
-            if row.account_user_id is not None and row.account_email and wanted("email", row,
-                                                                                 prefs):
-                status = "sent"
-            # The row stays locked while sending, as in ``email``: a concurrent run waits,
-            # then finds the status final.
-            if status == "sent":
-                try:
-                    mail.send(mail.build(to=row.account_email, subject=f"txmon: {row.title}",
-                                         context=_row_context(row)))
-                except Exception as exc:  # rolled back on the way out: still pending
-                    raise EmailFailed(pushed) from exc
-            sql = RawSql(conn)
-            with sql.pipeline():  # one round trip for both (Postgres)
-                sql.execute(_SET_STATUS, (status, notification_id))
-                if outbox_id is not None:
-                    sql.execute(_COMPLETE, (utcnow(), outbox_id))
-    if status == "sent":
-        EMAILS.labels(result="sent").inc()
+        rows = conn.execute(_BATCH, {"ids": list(notification_ids)}).all()
+    outcome: dict[int, object] = {i: "gone" for i in notification_ids}
+    todo, skipped = [], []
+    for row in rows:
+        if channel_name == "email" and row.email_status != "pending":
+            outcome[row.id] = "done"
+        elif channel.wanted(row):
+            todo.append(row)
+        else:
+            skipped.append(row)
+    results = channel.send(todo) if todo else {}
+    sent = [row for row in todo if results.get(row.id) is None]
+    # Refused by the server for this message alone: retrying cannot help, it is final.
+    refused = [row for row in todo if isinstance(results.get(row.id), mail.REFUSED)]
+    with db.engine.begin() as conn:
+        channel.record(conn, [r.id for r in sent], [r.id for r in skipped])
+        channel.record_failed(conn, [r.id for r in refused])
+    for row in skipped:
+        outcome[row.id] = "skipped"
+    for row in todo:
+        outcome[row.id] = results.get(row.id) or "sent"
+    for row in refused:
+        outcome[row.id] = "refused"
+    _count(channel_name, sent, skipped, refused)
+    return outcome
+
+
+def _count(channel: str, sent: list, skipped: list, failed: list) -> None:
+    for row in sent:
         NOTIFICATIONS.labels(type=row.type, success="true").inc()
+    if channel != "email":
+        return
+    for row in sent:
         log.info("Email sent: Type=%s, User=%s", row.type, row.user_id)
-    else:
-        EMAILS.labels(result="skipped").inc()
-    return {"push": pushed, "email": status, "completed": outbox_id is not None}
+    if sent:
+        EMAILS.labels(result="sent").inc(len(sent))
+    if skipped:
+        EMAILS.labels(result="skipped").inc(len(skipped))
+    if failed:
+        EMAILS.labels(result="failed").inc(len(failed))
 
 
-def _complete(conn, outbox_id: int | None) -> None:
-    if outbox_id is not None:
-        RawSql(conn).execute(_COMPLETE, (utcnow(), outbox_id))
+def mark_email_failed(*, notification_ids: list[int]) -> None:
+    """Record that email delivery gave up (attempts spent)."""
+    with db.engine.begin() as conn:
+        conn.execute(_SET_EMAIL, {"status": "failed", "ids": list(notification_ids)})
+    EMAILS.labels(result="failed").inc(len(notification_ids))
 
 
-def _row_context(row) -> dict:
-    """The email's template context from a ``_DELIVERY_ROW`` (see ``_amounts``)."""
-    if row.type == "low_balance":
+def _context(row) -> dict:
+    """The email's template context; "Amount" and "New balance" as of the notification."""
+    if row.type == "low_balance":  # amount_cents holds the balance that triggered it
         amounts = {"amount": None, "balance": dollars(row.amount_cents)}
     else:
         balance = row.account_balance_cents
@@ -205,3 +201,9 @@ def _row_context(row) -> dict:
             balance = row.tx_balance_after_cents
         amounts = {"amount": dollars(abs(row.amount_cents or 0)), "balance": dollars(balance)}
     return {"title": row.title, "message": row.message, "wallet_url": _wallet_url(), **amounts}
+
+
+def _wallet_url() -> str:
+    from flask import current_app
+
+    return current_app.config["TXMON_PUBLIC_URL"].rstrip("/") + "/wallet"

@@ -28,7 +28,7 @@ _templates = Environment(loader=FileSystemLoader(Path(__file__).parent / "templa
 FROM_ADDRESS = "txmon <notifications@txmon.local>"
 
 
-def build(*, to: str, subject: str, context: dict) -> Message:
+def build(*, to: str, subject: str, context: dict, message_id: str | None = None) -> Message:
     """A multipart/alternative message (plain text and HTML) from the notification templates.
 
     Built with the compat32 MIME classes: the same message as ``EmailMessage`` would give,
@@ -42,7 +42,7 @@ def build(*, to: str, subject: str, context: dict) -> Message:
     msg["From"] = _header(current_app.config.get("MAIL_FROM", FROM_ADDRESS))
     msg["To"] = _header(to)
     msg["Subject"] = _header(subject)
-    msg["Message-ID"] = make_msgid(domain="txmon.local")
+    msg["Message-ID"] = message_id or make_msgid(domain="txmon.local")
     for name, subtype in (("email/notification.txt", "plain"), ("email/notification.html", "html")):
         msg.attach(_part(_templates.get_template(name).render(**context), subtype))
     return msg
@@ -118,6 +118,8 @@ def send(msg: Message) -> None:
         raise
 
 
+# Refusals of one message: the connection stays usable, retrying soon cannot help.
+REFUSED = (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused)
 # A dropped connection shows as one of these on the first command of the next message.
 _STALE = (smtplib.SMTPServerDisconnected, ConnectionResetError, BrokenPipeError,
           ConnectionAbortedError)

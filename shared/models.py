@@ -15,7 +15,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import (JSON, BigInteger, Boolean, CheckConstraint, ForeignKey, Index, Integer,
-                        String, UniqueConstraint, text)
+                        String, Text, UniqueConstraint, text)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import UTCDateTime, db
@@ -165,15 +165,23 @@ class OutboxMessage(db.Model):
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    # A runner holds the row until then (it extends the lease while it works).
+    leased_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    dead_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # attempts spent
+    last_error: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
-        Index("ix_outbox_undispatched", "id",
-              postgresql_where=text("dispatched_at IS NULL"),
-              sqlite_where=text("dispatched_at IS NULL")),
         # The sweep's lease check reads only rows whose task has not finished.
         Index("ix_outbox_unfinished", "available_at",
               postgresql_where=text("completed_at IS NULL"),
               sqlite_where=text("completed_at IS NULL")),
+        # The relay claims rows by due time: a verification's timeout waits here.
+        Index("ix_outbox_due", "available_at",
+              postgresql_where=text("dispatched_at IS NULL"),
+              sqlite_where=text("dispatched_at IS NULL")),
+        Index("ix_outbox_dead", "dead_at",
+              postgresql_where=text("dead_at IS NOT NULL"),
+              sqlite_where=text("dead_at IS NOT NULL")),
     )
 
 

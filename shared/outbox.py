@@ -1,44 +1,95 @@
-"""The outbox: rows naming worker tasks, written in the ledger's own commit.
+"""The outbox: every follow-up of a commit, as a row written in that commit, and every
+statement on the outbox table.
 
-A row is the promise that its task will run. The relay in worker_service dispatches rows
-after commit and re-dispatches any left behind, so a crash or a Redis outage between the
-commit and the enqueue loses nothing.
+A row names a handler and carries ids. Its life: written (due at ``available_at``) ->
+dispatched by the relay when due -> started by a runner, which holds a lease and extends
+it while it works -> completed; or, when a run fails, due again after the handler's
+backoff, and dead (``dead_at``) once its attempts are spent, until an operator re-drives
+it. A row dispatched but not started within ``DISPATCH_LEASE_S`` (its message lost with
+the broker's queues) or whose lease ran out (its worker died) is dispatched again.
+
+``HANDLERS`` declares each handler once, with its queue and retry schedule: the relay
+asks it where a row goes, the worker's batch runner what to run.
 """
 from __future__ import annotations
 
 import json
 import logging
-from functools import lru_cache
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
-from shared.db import RawSql
+from sqlalchemy import and_, bindparam, case, func, or_, select, update
+
+from shared.db import RawSql, db, utcnow
 from shared.models import OutboxMessage
 
-DELIVER = "txmon.notifications.deliver_all"  # push and email of one notification
-DELIVER_PUSH = "txmon.notifications.deliver"  # push only: rows written before DELIVER
-SEND_EMAIL = "txmon.email.send_notification"  # email only: idem, and DELIVER's email retries
-CHECK_ALERTS = "txmon.alerts.check_transaction"
-PUBLISH_BALANCE = "txmon.realtime.publish_balance"
-EXPIRE_VERIFICATION = "txmon.refunds.expire_verification"
-EMAIL_ALERT = "txmon.email.send_alert"
-PUBLISH_ALERT = "txmon.realtime.publish_alert"
-
-outbox_table = OutboxMessage.__table__
 log = logging.getLogger("txmon.outbox")
-MAX_ATTEMPTS = 10  # a row sent this often without completing is left for an operator
+outbox_table = OutboxMessage.__table__
+o = outbox_table.c
 
+RUN_LEASE_S = 30  # a runner extends it every third of this while it works
+DISPATCH_LEASE_S = 30  # dispatched and not started this long: the message was lost
+BATCH_MAX = 100  # rows per runner task
+
+
+@dataclass(frozen=True)
+class Handler:
+    """One kind of follow-up: its task name, Celery queue and retry schedule."""
+
+    name: str
+    queue: str
+    backoff_s: tuple[int, ...] = (1, 5, 15, 60, 300)
+    attempts: int = 6
+
+    def delay_after(self, attempts: int) -> int:
+        """Seconds before the next run, after ``attempts`` failed runs."""
+        return self.backoff_s[min(attempts, len(self.backoff_s)) - 1]
+
+
+HANDLERS: dict[str, Handler] = {}
+
+
+def _declare(name: str, queue: str, **schedule) -> str:
+    HANDLERS[name] = Handler(name, queue, **schedule)
+    return name
+
+
+PUSH = _declare("txmon.notifications.push", "push", backoff_s=(1, 2, 5, 15, 60), attempts=6)
+SEND_EMAIL = _declare("txmon.email.send_notification", "email",
+                      backoff_s=(2, 10, 30, 60, 300, 900), attempts=8)
+CHECK_ALERTS = _declare("txmon.alerts.check_transaction", "alerts")
+PUBLISH_BALANCE = _declare("txmon.realtime.publish_balance", "realtime")
+EXPIRE_VERIFICATION = _declare("txmon.refunds.expire_verification", "refunds",
+                               backoff_s=(1, 5, 15, 60, 300), attempts=10)
+EMAIL_ALERT = _declare("txmon.email.send_alert", "email", backoff_s=(2, 10, 30, 60, 300, 900),
+                       attempts=8)
+PUBLISH_ALERT = _declare("txmon.realtime.publish_alert", "realtime")
+QUEUES = tuple(dict.fromkeys(h.queue for h in HANDLERS.values()))
+
+
+def handler(task: str) -> Handler | None:
+    """The declaration of ``task`` (None for a name no release declares)."""
+    return HANDLERS.get(task)
+
+
+# -- write (inside the ledger's transaction) ------------------------------------------------
 
 def message(task: str, user_id: str | None, now: datetime, *, available_at: datetime | None = None,
             **payload) -> dict:
-    """One outbox row for ``task`` with ``payload`` (ids only: tasks reload what they need)."""
+    """One outbox row for ``task`` with ``payload`` (ids only: handlers reload what they need),
+    due at ``available_at`` (default now)."""
     return {"task": task, "user_id": user_id, "payload": payload,
             "available_at": available_at or now, "created_at": now, "attempts": 0}
 
 
 def notification_messages(notification_id: int, user_id: str, now: datetime) -> list[dict]:
-    """The delivery work every notification needs: push to the user, then email (one row,
-    one task: see worker_service/tasks/notifications.py ``deliver_all``)."""
-    return [message(DELIVER, user_id, now, notification_id=notification_id)]
+    """The delivery work of a notification: one row per channel."""
+    return [message(PUSH, user_id, now, notification_id=notification_id),
+            message(SEND_EMAIL, user_id, now, notification_id=notification_id)]
+
+
+_INSERT = "INSERT INTO outbox (user_id, task, payload, available_at, created_at, attempts) VALUES "
+_ROW = "(%s, %s, %s, %s, %s, %s)"
 
 
 def write(conn, rows: list[dict]) -> None:
@@ -56,135 +107,209 @@ def write(conn, rows: list[dict]) -> None:
     sql.execute(_INSERT + ", ".join([_ROW] * len(rows)), params)
 
 
-_INSERT = "INSERT INTO outbox (user_id, task, payload, available_at, created_at, attempts) VALUES "
-_ROW = "(%s, %s, %s, %s, %s, %s)"
+# -- claim (the relay) ------------------------------------------------------------------------
+
+_COLUMNS = (o.id, o.task, o.payload, o.attempts)
+_LAPSED = and_(o.completed_at.is_(None), o.dead_at.is_(None), o.dispatched_at.is_not(None),
+               o.dispatched_at < bindparam("stale"), o.available_at <= bindparam("now"),
+               or_(o.leased_until.is_(None), o.leased_until < bindparam("now")))
 
 
-def claim_and_dispatch(send, *, limit: int = 500, lease_s: int | None = None,
-                       only: tuple[str, ...] | None = None,
-                       skip: tuple[str, ...] | None = None) -> int:
-    """Send due, undispatched rows with ``send(task, kwargs, eta)`` and mark them dispatched.
-
-    ``kwargs`` is the row's payload plus ``outbox_id``: the task marks the row completed
-    when it has run (see worker_service/base.py). ``send`` returns True when it finished
-    the work itself (the row is completed at once). If ``send`` has a ``flush()`` method,
-    it is called after the last row, inside the claim's transaction (a sender that groups
-    rows sends its groups there; if that raises, the claim rolls back like any send).
-
-    With ``lease_s``, rows dispatched but not completed by ``lease_s`` after they were due
-    (and after their last dispatch) are sent again: the broker can lose a message a worker
-    had taken (a Redis outage while it was prefetched or waiting for its ETA); tasks are
-    idempotent, so sending again is safe.
-
-    ``only`` / ``skip`` restrict the pass to some task names (the relay runs balance
-    updates on a loop of their own, so they never wait behind task dispatches).
-
-    Rows are claimed with FOR UPDATE SKIP LOCKED on Postgres, so any number of relays can
-    run at once without sending a row twice; on SQLite the write lock serializes relays.
-    If ``send`` raises (Redis down), the transaction rolls back and the rows stay pending
-    for the next pass. Returns how many rows were dispatched.
-    """
-    from datetime import timedelta
-
-    from shared.db import db, utcnow
-
-    now = utcnow()
-    params = {"now": now}
-    if lease_s is not None:
-        params["stale"] = now - timedelta(seconds=lease_s)
-    with db.engine.begin() as conn:
-        claim, mark = _claim_statements(conn.dialect.name, limit, lease_s is not None,
-                                        tuple(only or ()), tuple(skip or ()))
-        rows = conn.execute(claim, params).all()
-        done = []
-        for row in rows:
-            if row.attempts:
-                log.warning("Outbox row %s (%s) sent again: not completed in time",
-                            row.id, row.task)
-            eta = row.available_at if row.available_at > now else None
-            if send(row.task, dict(row.payload, outbox_id=row.id), eta):
-                done.append(row.id)
-        flush = getattr(send, "flush", None)
-        if flush is not None:
-            flush()
-        if rows:  # dispatched, and completed already when ``send`` did the work itself
-            conn.execute(mark, {"now": now, "ids": [r.id for r in rows], "done": done})
-    return len(rows)
-
-
-@lru_cache(maxsize=32)
-def _claim_statements(dialect: str, limit: int, leased: bool, only: tuple, skip: tuple):
-    """The claim's SELECT and UPDATE for one shape of pass, built once (building Core
-    statements on every pass cost the relay more CPU than running them)."""
-    from sqlalchemy import and_, bindparam, case, or_, select, update
-
-    o = outbox_table.c
-    wanted = o.dispatched_at.is_(None)
-    if leased:
-        stale = bindparam("stale")
-        wanted = or_(wanted, and_(o.completed_at.is_(None), o.available_at < stale,
-                                  o.dispatched_at < stale, o.attempts < MAX_ATTEMPTS))
+def _claim(dialect: str, limit: int, lapsed: bool, only: tuple, skip: tuple):
+    wanted = _LAPSED if lapsed else and_(o.dispatched_at.is_(None),
+                                         o.available_at <= bindparam("now"))
     if only:
         wanted = and_(wanted, o.task.in_(only))
     if skip:
         wanted = and_(wanted, o.task.not_in(skip))
-    claim = (select(o.id, o.task, o.payload, o.available_at, o.attempts)
-             .where(wanted).order_by(o.id).limit(limit))
-    if dialect == "postgresql":
-        claim = claim.with_for_update(skip_locked=True)
-    now = bindparam("now")
-    mark = (update(outbox_table).where(o.id.in_(bindparam("ids", expanding=True)))
-            .values(dispatched_at=now, attempts=o.attempts + 1,
-                    completed_at=case((o.id.in_(bindparam("done", expanding=True)), now),
-                                      else_=o.completed_at)))
-    return claim, mark
+    claim = select(*_COLUMNS).where(wanted).order_by(o.available_at, o.id).limit(limit)
+    return claim.with_for_update(skip_locked=True) if dialect == "postgresql" else claim
 
 
-def mark_completed(outbox_id: int) -> None:
-    """Record that the task of an outbox row has run (successfully or for the last time)."""
-    from sqlalchemy import update
+_claims: dict[tuple, object] = {}  # Core statements built once per shape (CPU per pass)
+_MARK_DISPATCHED = (update(outbox_table).where(o.id.in_(bindparam("ids", expanding=True)))
+                    .values(dispatched_at=bindparam("now")))
 
-    from shared.db import db, utcnow
 
+def claim_and_dispatch(dispatch, *, limit: int = 500, lapsed: bool = False,
+                       only: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> int:
+    """Claim due, undispatched rows (``lapsed``: rows whose message or runner was lost),
+    hand them to ``dispatch(rows)`` and mark them dispatched, in one transaction.
+
+    Rows are locked with SKIP LOCKED on Postgres, so any number of relays run at once; on
+    SQLite the write lock serializes them. If ``dispatch`` raises (broker down) the claim
+    rolls back and the rows wait for the next pass. Returns how many were claimed.
+    """
+    now = utcnow()
     with db.engine.begin() as conn:
-        conn.execute(update(outbox_table).where(outbox_table.c.id == outbox_id,
-                                                outbox_table.c.completed_at.is_(None))
-                     .values(completed_at=utcnow()))
+        key = (conn.dialect.name, limit, lapsed, tuple(only), tuple(skip))
+        if key not in _claims:
+            _claims[key] = _claim(*key)
+        rows = conn.execute(_claims[key], {"now": now,
+                                           "stale": now - timedelta(seconds=DISPATCH_LEASE_S)}
+                            ).all()
+        if not rows:
+            return 0
+        if lapsed:
+            log.warning("Outbox rows sent again (message or worker lost): %s",
+                        ", ".join(f"{r.id} ({r.task})" for r in rows[:20]))
+        unknown = [r.id for r in rows if r.task not in HANDLERS]
+        dispatch([r for r in rows if r.task in HANDLERS])
+        conn.execute(_MARK_DISPATCHED, {"now": now, "ids": [r.id for r in rows]})
+        if unknown:  # nothing could ever run them: dead at once, for an operator to see
+            conn.execute(update(outbox_table).where(o.id.in_(unknown))
+                         .values(dead_at=now, last_error="no handler declared for this task"))
+    return len(rows)
 
 
-def mark_completed_many(conn, outbox_ids: list[int]) -> None:
-    """``mark_completed`` for many rows, on ``conn`` (inside the caller's transaction)."""
-    from sqlalchemy import update
-
-    from shared.db import utcnow
-
-    if outbox_ids:
-        conn.execute(update(outbox_table).where(outbox_table.c.id.in_(outbox_ids),
-                                                outbox_table.c.completed_at.is_(None))
-                     .values(completed_at=utcnow()))
+# The balance loop's claim on Postgres (it runs once per commit of the whole platform): one
+# statement claims and completes the waiting balance updates, returning the message the
+# ledger stored; the caller publishes them inside the same transaction.
+CLAIM_BALANCES = (
+    "UPDATE outbox SET dispatched_at = %s, completed_at = %s, attempts = attempts + 1"
+    " WHERE id IN (SELECT id FROM outbox WHERE dispatched_at IS NULL AND task = %s"
+    " ORDER BY available_at, id LIMIT %s FOR UPDATE SKIP LOCKED)"
+    " RETURNING id, user_id, (payload -> 'message')::text")
 
 
-def open_ids(outbox_ids: list[int]) -> set[int]:
-    """Those of ``outbox_ids`` whose rows exist and are not completed."""
-    from sqlalchemy import select
+def claim_balances(sql: RawSql, limit: int) -> list[tuple]:
+    """Claim and complete waiting balance updates on ``sql`` (Postgres); see CLAIM_BALANCES."""
+    now = utcnow()
+    return sql.execute(CLAIM_BALANCES, (now, now, PUBLISH_BALANCE, limit)).fetchall()
 
-    from shared.db import db
 
-    if not outbox_ids:
-        return set()
+# -- run (the worker's batch runner) ----------------------------------------------------------
+
+_START = (update(outbox_table)
+          .where(o.id.in_(bindparam("ids", expanding=True)), o.completed_at.is_(None),
+                 o.dead_at.is_(None),
+                 or_(o.leased_until.is_(None), o.leased_until < bindparam("now")))
+          .values(leased_until=bindparam("until"), attempts=o.attempts + 1)
+          .returning(o.id, o.payload, o.attempts))
+_EXTEND = (update(outbox_table)
+           .where(o.id.in_(bindparam("ids", expanding=True)), o.completed_at.is_(None))
+           .values(leased_until=bindparam("until")))
+_COMPLETE = (update(outbox_table)
+             .where(o.id.in_(bindparam("ids", expanding=True)), o.completed_at.is_(None))
+             .values(completed_at=bindparam("now"), leased_until=None))
+
+
+def start(ids: list[int]) -> list:
+    """Lease the rows of ``ids`` still to do and not held by another runner; returns them
+    (id, payload, attempts counting this run), in one statement."""
+    if not ids:
+        return []
+    now = utcnow()
+    with db.engine.begin() as conn:
+        rows = conn.execute(_START, {"ids": ids, "now": now,
+                                     "until": now + timedelta(seconds=RUN_LEASE_S)}).all()
+    return sorted(rows, key=lambda r: r.id)
+
+
+def extend(engine, ids: list[int]) -> None:
+    """Extend the lease of rows a runner is still working on."""
+    if ids:
+        with engine.begin() as conn:
+            conn.execute(_EXTEND, {"ids": ids,
+                                   "until": utcnow() + timedelta(seconds=RUN_LEASE_S)})
+
+
+def complete(ids: list[int]) -> None:
+    """Mark rows done, in one statement."""
+    if ids:
+        with db.engine.begin() as conn:
+            conn.execute(_COMPLETE, {"ids": ids, "now": utcnow()})
+
+
+def fail(task: str, failures: list[tuple], ) -> list[int]:
+    """Record failed runs: ``failures`` are (row, error text). Each row is due again after
+    its handler's backoff, or dead when its attempts are spent. Returns the dead rows' ids."""
+    spec = HANDLERS[task]
+    now = utcnow()
+    dead = []
+    with db.engine.begin() as conn:
+        for row, error in failures:
+            values = {"last_error": error[:2000], "leased_until": None}
+            if row.attempts >= spec.attempts:
+                values["dead_at"] = now
+                dead.append(row.id)
+            else:
+                values.update(dispatched_at=None,
+                              available_at=now + timedelta(seconds=spec.delay_after(row.attempts)))
+            conn.execute(update(outbox_table).where(o.id == row.id, o.completed_at.is_(None))
+                         .values(**values))
+    for row_id in dead:
+        log.error("Outbox row %s (%s) dead after %s attempts", row_id, task, spec.attempts)
+    return dead
+
+
+# -- operators --------------------------------------------------------------------------------
+
+def stats() -> dict:
+    """What is not done yet: due rows waiting for dispatch (``backlog``), the age of the oldest
+    of them, rows dispatched and not completed (``in_flight``), dead rows, and per task."""
+    now = utcnow()
+    open_ = and_(o.completed_at.is_(None), o.dead_at.is_(None))
+    waiting = and_(open_, o.dispatched_at.is_(None), o.available_at <= now)
+    flying = and_(open_, o.dispatched_at.is_not(None))
+    dead = o.dead_at.is_not(None)
     with db.engine.connect() as conn:
-        return set(conn.execute(select(outbox_table.c.id).where(
-            outbox_table.c.id.in_(outbox_ids), outbox_table.c.completed_at.is_(None))).scalars())
+        rows = conn.execute(
+            select(o.task,
+                   func.count().filter(waiting).label("backlog"),
+                   func.count().filter(flying).label("in_flight"),
+                   func.count().filter(dead).label("dead"),
+                   func.min(case((waiting, o.available_at))).label("oldest"))
+            .where(or_(and_(open_, or_(o.dispatched_at.is_not(None), o.available_at <= now)),
+                       dead))
+            .group_by(o.task)).all()
+    by_task = {r.task: {"backlog": r.backlog, "in_flight": r.in_flight, "dead": r.dead}
+               for r in rows}
+    oldest = [r.oldest for r in rows if r.oldest is not None]
+    return {"backlog": sum(r.backlog for r in rows),
+            "oldest_due_age_s": round(max(0.0, (now - min(oldest)).total_seconds()), 3)
+            if oldest else 0.0,
+            "in_flight": sum(r.in_flight for r in rows),
+            "dead": sum(r.dead for r in rows), "by_task": by_task}
 
 
 def backlog() -> int:
     """How many outbox rows are due and not yet dispatched."""
-    from sqlalchemy import func, select
-
-    from shared.db import db, utcnow
-
-    o = outbox_table.c
     with db.engine.connect() as conn:
         return conn.execute(select(func.count()).select_from(outbox_table)
                             .where(o.dispatched_at.is_(None),
                                    o.available_at <= utcnow())).scalar_one()
+
+
+def serialize(row) -> dict:
+    """An outbox row as the admin API shows it."""
+    return {"id": row.id, "task": row.task, "user_id": row.user_id, "payload": row.payload,
+            "attempts": row.attempts, "available_at": _iso(row.available_at),
+            "created_at": _iso(row.created_at), "dispatched_at": _iso(row.dispatched_at),
+            "completed_at": _iso(row.completed_at), "dead_at": _iso(row.dead_at),
+            "last_error": row.last_error}
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def retry_dead(*, outbox_id: int):
+    """Re-drive a dead row: due now, with a fresh set of attempts. Returns the row; raises
+    NotFound, or InvalidState when the row is not dead."""
+    from shared.errors import InvalidState, NotFound
+
+    now = utcnow()
+    with db.engine.begin() as conn:
+        row = conn.execute(
+            update(outbox_table).where(o.id == outbox_id, o.dead_at.is_not(None))
+            .values(dead_at=None, dispatched_at=None, leased_until=None, attempts=0,
+                    available_at=now)
+            .returning(*outbox_table.c)).first()
+        if row is None:
+            found = conn.execute(select(o.id).where(o.id == outbox_id)).first()
+            if found is None:
+                raise NotFound(f"No outbox row {outbox_id}.")
+            raise InvalidState(f"Outbox row {outbox_id} is not dead.")
+    log.info("Outbox row %s (%s) re-driven by an operator", row.id, row.task)
+    return row

@@ -91,8 +91,18 @@ def _seed(api, app) -> dict:
         alert_ids = [alerts.raise_alert(rule="large_debit", user_id=FUZZ_USER,
                                         details={"amount_cents": 9000},
                                         dedup_key=f"fuzz-alert-{i}")[0] for i in range(3)]
+        from sqlalchemy import text
+
+        from shared.db import db
+
+        # Dead outbox rows for the re-drive route (each can be re-driven once).
+        with db.engine.begin() as conn:
+            outbox_ids = list(conn.execute(text(
+                "UPDATE outbox SET dead_at = created_at, last_error = 'seed' WHERE id IN"
+                " (SELECT id FROM outbox ORDER BY id LIMIT 20) RETURNING id")).scalars())
     return {"user_id": [FUZZ_USER], "verification_id": pools,
-            "notification_id": notification_ids, "alert_id": alert_ids}
+            "notification_id": notification_ids, "alert_id": alert_ids,
+            "outbox_id": outbox_ids}
 
 
 @pytest.fixture

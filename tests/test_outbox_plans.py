@@ -26,7 +26,7 @@ def _claim_plan(conn) -> str:
 
 
 def _prepare_claim_while_small(conn) -> None:
-    from worker_service.relay import _CLAIM_BALANCES
+    from shared.outbox import CLAIM_BALANCES as _CLAIM_BALANCES
 
     numbered = iter(range(1, 5))
     statement = re.sub("%s", lambda _m: f"${next(numbered)}", _CLAIM_BALANCES)
@@ -64,7 +64,7 @@ def test_worker_claims_use_their_index_after_the_outbox_grew(app, database_url):
                 _prepare_claim_while_small(conn)
                 _grow_outbox(conn)
                 plan = _claim_plan(conn)
-                assert "ix_outbox_undispatched" in plan, plan
+                assert "ix_outbox_due" in plan, plan
                 assert "Seq Scan on outbox" not in plan, plan
                 conn.rollback()
         finally:

@@ -141,7 +141,9 @@ class RowLock:
 
 
 def outbox_pending(app) -> int:
-    return scalar(app, "SELECT count(*) FROM outbox WHERE dispatched_at IS NULL")
+    """Rows due and not dispatched (a verification's timeout waits undispatched until due)."""
+    return scalar(app, "SELECT count(*) FROM outbox WHERE dispatched_at IS NULL"
+                       " AND available_at <= CURRENT_TIMESTAMP")
 
 
 def email_statuses(app, user_id: str | None = None) -> dict[int, str]:

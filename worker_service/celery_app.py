@@ -1,9 +1,10 @@
 """The Celery app on Redis: ``celery -A worker_service.celery_app worker`` (and ``beat``).
 
 Tasks run inside the Flask app's context, so they share shared/'s config, models and
-services with the API. One module per task family under worker_service/tasks/, each task
-named ``txmon.<family>.<action>`` and routed to its family's queue, so an email backlog
-never delays refunds.
+services with the API. One module per task family under worker_service/tasks/. Outbox
+handlers take their queues from shared/outbox.py (one per channel and family, so a stuck
+SMTP server never holds up pushes, alert checks or refunds); the periodic tasks run on
+``outbox`` and ``reconcile``.
 """
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ from kombu import Queue
 
 from flask import Flask
 
+from shared import outbox
+
 FAMILIES = ("outbox", "notifications", "email", "refunds", "alerts", "reconcile", "realtime")
 TASK_MODULES = [f"worker_service.tasks.{family}" for family in FAMILIES]
-# Longer than the longest countdown (timeout_seconds <= 86400): Redis must not hand an ETA
-# task to a second worker while the first still holds it.
-VISIBILITY_TIMEOUT_S = 86400 + 3600
+QUEUES = ("default", "outbox", "reconcile", *outbox.QUEUES)
+# Longer than the longest task may run (reconciliation: an hour), so Redis never hands a
+# running task to a second worker; long waits are due times in the outbox, not countdowns.
+VISIBILITY_TIMEOUT_S = 3600 + 300
 
 
 def celery_config(flask_config: dict) -> dict:
@@ -42,8 +46,12 @@ def celery_config(flask_config: dict) -> dict:
         "accept_content": ["json"],
         "timezone": "UTC",
         "task_default_queue": "default",
-        "task_queues": [Queue(name) for name in ("default", *FAMILIES)],
-        "task_routes": {f"txmon.{family}.*": {"queue": family} for family in FAMILIES},
+        "task_queues": [Queue(name) for name in QUEUES],
+        "task_routes": {"txmon.outbox.sweep": {"queue": "outbox"},
+                        "txmon.refunds.scan_expired": {"queue": "outbox"},
+                        "txmon.refunds.expire_batch": {"queue": "refunds"},
+                        "txmon.reconcile.run": {"queue": "reconcile"},
+                        **{h.name: {"queue": h.queue} for h in outbox.HANDLERS.values()}},
         "task_time_limit": 120,
         "task_soft_time_limit": 100,
         "worker_send_task_events": True,
@@ -58,9 +66,7 @@ def celery_config(flask_config: dict) -> dict:
 
 def make_celery(flask_app) -> Celery:
     """A Celery app bound to ``flask_app``; the base task gives every run an app context."""
-    # strict_typing off: messages carry an extra outbox_id kwarg (see worker_service/base.py).
-    app = Celery("txmon", include=TASK_MODULES, task_cls="worker_service.base:TxmonTask",
-                 strict_typing=False)
+    app = Celery("txmon", include=TASK_MODULES, task_cls="worker_service.base:TxmonTask")
     app.conf.update(celery_config(flask_app.config))
     app.flask_app = flask_app
     flask_app.extensions["celery"] = app

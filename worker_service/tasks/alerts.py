@@ -1,34 +1,31 @@
-"""txmon.alerts: run the suspicious-activity rules on a committed transaction."""
+"""txmon.alerts: run the suspicious-activity rules on committed transactions."""
 from __future__ import annotations
 
 from flask import current_app
 from sqlalchemy import bindparam, select
 
-from shared import alert_rules, alerts
+from shared import alert_rules, alerts, outbox
 from shared.db import db
 from shared.models import Transaction
+from worker_service.runner import handles
+from worker_service.tasks import each
 
 transactions = Transaction.__table__
-from worker_service.celery_app import celery
-
-
 _BY_ID = select(transactions).where(transactions.c.id == bindparam("id"))
 _READS = {"postgresql": {"isolation_level": "AUTOCOMMIT"}}
 
 
-@celery.task(name="txmon.alerts.check_transaction")
-def check_transaction(transaction_id: int) -> list[str]:
-    """Evaluate every rule; store (deduplicated) alerts; returns the rules that fired."""
-    # A Core row (the rules read attributes only): no ORM identity-map work per check. The
-    # reads share the session's connection, on Postgres in autocommit: each is a statement
-    # of its own and none needs to see the others' snapshot, so no BEGIN and ROLLBACK
-    # round trips (two of a check's four). Not on SQLite: there SQLAlchemy's reset after
-    # autocommit turns pysqlite's own transaction handling back on for the pooled
-    # connection (shared/db.py turns it off). Alerts are written after it is closed, on
-    # their own (SQLite: one writer at a time).
+def check(transaction_id: int) -> list[str]:
+    """Evaluate every rule on one transaction; store (deduplicated) alerts; returns the rules
+    that fired."""
+    # A Core row (the rules read attributes only). On Postgres the reads run in autocommit
+    # (no BEGIN and ROLLBACK round trips); not on SQLite, where SQLAlchemy's reset after
+    # autocommit turns pysqlite's own transaction handling back on (shared/db.py turns it
+    # off). Alerts are written after the reads' connection is closed (SQLite: one writer).
     conn = db.session.connection(execution_options=_READS.get(db.engine.dialect.name))
     tx = conn.execute(_BY_ID, {"id": transaction_id}).first()
     if tx is None:
+        db.session.close()
         return []
     user_id, tx_id = tx.user_id, tx.id
     findings = [f for f in alert_rules.evaluate(tx, current_app.config)
@@ -44,3 +41,9 @@ def check_transaction(transaction_id: int) -> list[str]:
         if created:
             fired.append(finding.rule)
     return fired
+
+
+@handles(outbox.CHECK_ALERTS)
+def check_transaction(rows) -> dict:
+    """Check each transaction of the batch."""
+    return each(rows, "transaction_id", check)

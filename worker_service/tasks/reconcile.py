@@ -1,11 +1,12 @@
 """txmon.reconcile: balance == sum of ledger and gapless seq, for every account."""
 from __future__ import annotations
 
+from celery import shared_task
+
 from shared import reconcile
-from worker_service.celery_app import celery
 
 
-@celery.task(name="txmon.reconcile.run", max_retries=2, time_limit=3600, soft_time_limit=3500)
+@shared_task(name="txmon.reconcile.run", max_retries=2, time_limit=3600, soft_time_limit=3500)
 def run() -> dict:
     """Check every account in batches; mismatches become alerts (see shared/reconcile.py)."""
     result = reconcile.run()

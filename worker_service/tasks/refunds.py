@@ -1,22 +1,30 @@
-"""txmon.refunds: refund verifications that reached expires_at while pending."""
+"""txmon.refunds: refund verifications that reached expires_at while pending.
+
+Each purchase writes an outbox row due at its verification's expiry: the wait is a due
+time in the database, never a countdown held by the broker or a worker.
+"""
 from __future__ import annotations
 
 import logging
-from datetime import datetime
 
+from celery import shared_task
 from sqlalchemy import select
 
-from shared import ledger
+from shared import ledger, outbox
 from shared.db import db, utcnow
 from shared.errors import InvalidState, NotFound
 from shared.models import Verification
-from worker_service.celery_app import celery
+from worker_service.runner import handles
+from worker_service.tasks import each
 
 log = logging.getLogger("txmon.refunds")
 BATCH = 200
 
 
-def _expire(verification_id: str) -> str:
+def expire(verification_id: str) -> str:
+    """Refund the verification once if it is still pending."""
+    if not isinstance(verification_id, str):
+        raise ValueError(f"not a verification id: {verification_id!r}")
     try:
         m = ledger.refund_verification(verification_id=verification_id, status="timed_out",
                                        reason="timed out")
@@ -25,28 +33,20 @@ def _expire(verification_id: str) -> str:
     return "refunded" if m.created else "already"
 
 
-@celery.task(name="txmon.refunds.expire_verification", bind=True)
-def expire_verification(self, verification_id: str) -> str:
-    """The countdown task scheduled at purchase; refunds once if still pending."""
-    try:
-        ver = ledger.get_verification(verification_id=verification_id)
-    except NotFound:
-        return "ended"
-    if ver["status"] != "pending":
-        return "ended"
-    remaining = (datetime.fromisoformat(ver["expires_at"]) - utcnow()).total_seconds()
-    if remaining > 0:  # delivered early (clock skew): come back at expiry
-        raise self.retry(countdown=remaining, max_retries=self.max_retries + 1)
-    return _expire(verification_id)
+@handles(outbox.EXPIRE_VERIFICATION)
+def expire_verification(rows) -> dict:
+    """Refund each verification of the batch that is still pending (its row is due at
+    expiry)."""
+    return each(rows, "verification_id", expire)
 
 
-@celery.task(name="txmon.refunds.expire_batch")
+@shared_task(name="txmon.refunds.expire_batch")
 def expire_batch(verification_ids: list[str]) -> int:
     """Refund a batch of expired verifications; returns how many this run refunded."""
-    return sum(_expire(v) == "refunded" for v in verification_ids)
+    return sum(expire(v) == "refunded" for v in verification_ids)
 
 
-@celery.task(name="txmon.refunds.scan_expired", max_retries=0, time_limit=110)
+@shared_task(name="txmon.refunds.scan_expired", max_retries=0, time_limit=110)
 def scan_expired(limit: int = 50_000) -> int:
     """Beat safety net: fan out every pending verification past expiry, in batches."""
     now = utcnow()
