@@ -1,16 +1,10 @@
-"""One run per notification (push + email), SMTP connection reuse, and the relay's batches.
+"""SMTP connection reuse, the countdown batch, and the broker's QoS.
 
-- ``delivery.deliver`` (the body of txmon.notifications.deliver_all) pushes and emails in one
-  run, and still applies each channel's preference (and min_amount_notify_cents) on its
-  own; a second run of the same notification sends nothing and the outbox row is completed
-  in the delivery's own commit.
 - ``mail.send`` keeps its SMTP connection between messages, recovers when the server has
   dropped it, and keeps it after a refused recipient.
-- The relay packs due rows into txmon.outbox.run_batch tasks per queue; a batched row whose
-  task fails is sent on as its own task (with its own retry policy) and nothing is lost.
+- Verification timeouts wait as due outbox rows: each refunded at its expiry, none early.
 
-The first two run in this process against the test database, a real Redis and a real SMTP
-server; the last with a real worker.
+The first runs in this process against a real SMTP server; the others with a real worker.
 """
 from __future__ import annotations
 
@@ -21,7 +15,7 @@ import pytest
 
 pytest.register_assert_rewrite("tests.worker_support")
 
-from tests.worker_support import rows, scalar, wait_quiet, wait_until  # noqa: E402
+from tests.worker_support import rows, scalar, wait_until  # noqa: E402
 
 pytest_plugins = ["tests.worker_support"]
 
@@ -67,86 +61,6 @@ class Pushes:
         self.client.close()
 
 
-def test_deliver__push_and_email_each_follow_their_own_preference(live, api, smtp,
-                                                                  redis_server):
-    from shared import delivery, outbox
-
-    svc = api.service
-    # push off / email on, push on / email off, both on but below the amount threshold.
-    cases = {"p-off": {"push_on_credit": False},
-             "e-off": {"email_on_credit": False},
-             "small": {"min_amount_notify_cents": 5000},
-             "dflt": {}}
-    for user, prefs in cases.items():
-        _ok(api.client.put(f"/api/v1/accounts/{user}", headers=svc,
-                           json={"email": f"{user}@example.com"}))
-        if prefs:
-            _ok(api.client.put("/api/notifications/preferences", headers=api.user(user),
-                               json=prefs))
-        _ok(api.client.post(f"/api/v1/accounts/{user}/credits", headers=svc,
-                            json={"amount_cents": 1000, "payment_id": f"pay-{user}"}))
-    notes = {r["user_id"]: r for r in rows(live, "SELECT id, user_id FROM notifications")}
-    rows_by_note = {r["payload"]["notification_id"]: r["id"] for r in rows(
-        live, "SELECT id, payload FROM outbox WHERE task = :t", t=outbox.DELIVER)}
-    assert set(rows_by_note) == {n["id"] for n in notes.values()}  # one row per notification
-
-    pushes = Pushes(redis_server.url())
-    try:
-        with live.app_context():
-            results = {user: delivery.deliver(notification_id=n["id"],
-                                              outbox_id=rows_by_note[n["id"]])
-                       for user, n in notes.items()}
-        pushed = pushes.collect()
-    finally:
-        pushes.close()
-
-    assert {u: (r["push"], r["email"]) for u, r in results.items()} == {
-        "p-off": ("skipped", "sent"), "e-off": ("sent", "skipped"),
-        "small": ("skipped", "skipped"), "dflt": ("sent", "sent")}
-    assert sorted(m["notification"]["id"] for m in pushed) == sorted(
-        [notes["e-off"]["id"], notes["dflt"]["id"]])
-    assert all(m["type"] == "notification" for m in pushed)
-    assert sorted(m.rcpt_tos[0] for m in smtp.received) == ["dflt@example.com",
-                                                            "p-off@example.com"]
-    statuses = {r["user_id"]: r["email_status"] for r in rows(
-        live, "SELECT user_id, email_status FROM notifications")}
-    assert statuses == {"p-off": "sent", "e-off": "skipped", "small": "skipped",
-                        "dflt": "sent"}
-    # Completed in the delivery's own commit.
-    assert scalar(live, "SELECT count(*) FROM outbox WHERE task = :t AND completed_at IS NULL",
-                  t=outbox.DELIVER) == 0
-
-    # Delivered again (a redelivered message, the sweep): nothing is sent twice.
-    pushes = Pushes(redis_server.url())
-    try:
-        with live.app_context():
-            again = {user: delivery.deliver(notification_id=n["id"])
-                     for user, n in notes.items()}
-        assert pushes.collect() == []
-    finally:
-        pushes.close()
-    assert {u: r["email"] for u, r in again.items()} == statuses
-    assert len(smtp.received) == 2
-
-
-def test_deliver__email_failure_rolls_back_to_pending_and_keeps_the_row_open(
-        live, api, smtp, redis_server):
-    from shared import delivery
-
-    _ok(api.client.put("/api/v1/accounts/zed", headers=api.service,
-                       json={"email": "zed@example.com"}))
-    _ok(api.client.post("/api/v1/accounts/zed/credits", headers=api.service,
-                        json={"amount_cents": 1000, "payment_id": "pay-zed"}))
-    nid = scalar(live, "SELECT id FROM notifications")
-    row = scalar(live, "SELECT id FROM outbox WHERE task = 'txmon.notifications.deliver_all'")
-    smtp.stop()
-    with live.app_context(), pytest.raises(delivery.EmailFailed) as failed:
-        delivery.deliver(notification_id=nid, outbox_id=row)
-    assert failed.value.args[0] == "sent"  # the push went
-    assert scalar(live, "SELECT email_status FROM notifications") == "pending"
-    assert scalar(live, "SELECT completed_at FROM outbox WHERE id = :i", i=row) is None
-
-
 def test_smtp_connection__reused__survives_a_dropped_connection_and_a_refusal(live, smtp):
     import smtplib
 
@@ -188,48 +102,6 @@ def test_smtp_connection__reused__survives_a_dropped_connection_and_a_refusal(li
     assert len(smtp.messages(to="d@example.com")) == 1
 
 
-def test_relay_sender__batches_per_queue_and_per_eta_slot__singletons_alone(live):
-    from datetime import datetime, timedelta, timezone
-
-    from worker_service import relay
-
-    sent = []
-
-    class FakeCelery:
-        def send_task(self, name, kwargs=None, eta=None, queue=None, retry=None):
-            sent.append((name, queue, eta, kwargs))
-
-    sender = relay.Sender(FakeCelery(), batch_max=3)
-    slot = datetime(2030, 1, 1, tzinfo=timezone.utc)  # a whole second: the start of a slot
-    ms = timedelta(milliseconds=1)
-    expire = "txmon.refunds.expire_verification"
-    with live.app_context():
-        for i in range(4):
-            assert sender("txmon.notifications.deliver_all", {"notification_id": i,
-                                                              "outbox_id": i}, None) is False
-        sender("txmon.alerts.check_transaction", {"transaction_id": 9, "outbox_id": 10}, None)
-        assert [s[0] for s in sent] == ["txmon.outbox.run_batch"]
-        # Countdown rows: three in one ETA slot fill a group (sent at once, at the latest
-        # ETA of the three, whatever the order they came in), a fourth of that slot starts
-        # the next group, and one in the next slot is its own.
-        for oid, eta in ((11, slot + 300 * ms), (12, slot + 900 * ms), (13, slot + 10 * ms),
-                         (14, slot + 999 * ms), (15, slot + 1000 * ms)):
-            assert sender(expire, {"verification_id": f"v{oid}", "outbox_id": oid}, eta) is False
-        assert len(sent) == 2
-        assert sent[1][:3] == ("txmon.outbox.run_batch", "refunds", slot + 900 * ms)
-        assert [kw["outbox_id"] for _, kw in sent[1][3]["items"]] == [11, 12, 13]
-        sender.flush()
-    assert sent[0][1] == "notifications"
-    assert [kw["outbox_id"] for _, kw in sent[0][3]["items"]] == [0, 1, 2]
-    assert sent[0][2] is None
-    # What flush sent: one row left per group, each as its own task (no batch of one),
-    # the countdown rows with their own ETA.
-    assert sorted((s[0], s[3]["outbox_id"], s[2]) for s in sent[2:]) == [
-        ("txmon.alerts.check_transaction", 10, None),
-        ("txmon.notifications.deliver_all", 3, None),
-        (expire, 14, slot + 999 * ms), (expire, 15, slot + 1000 * ms)]
-
-
 def test_countdown_batch__refunds_each_row_at_its_expiry__nothing_early(app, api, workers):
     """Four purchases committed before any worker runs, with the shortest timeout (10 s): the relay
     claims their countdown rows in one pass on start and sends those in one ETA slot as one
@@ -260,34 +132,6 @@ def test_countdown_batch__refunds_each_row_at_its_expiry__nothing_early(app, api
     assert len(worker.lines(r"Task txmon\.refunds\.expire_verification\[outbox:\d+\] "
                             r"succeeded")) >= 2, worker.log()[-3000:]
     assert invariant_violations(app) == []
-
-
-def test_batch__failing_row_sent_on_alone__others_done__nothing_lost(app, api, workers, smtp):
-    """Rows committed before the worker starts go out in batches; one row whose task cannot
-    run (a payload its task does not accept) fails in the batch, is sent on as its own task,
-    fails there for good, and its row is completed (not sent forever); the others ran."""
-    from shared import outbox
-    from shared.db import db, utcnow
-
-    for i in range(6):
-        api.account(f"b{i}", 1000, email=f"b{i}@example.com")
-    with app.app_context(), db.engine.begin() as conn:
-        outbox.write(conn, [outbox.message(outbox.CHECK_ALERTS, "b0", utcnow(), bogus=1)])
-    n_rows = scalar(app, "SELECT count(*) FROM outbox")
-
-    worker = workers.start(smtp=smtp)
-    wait_quiet(app, worker)
-    wait_until(lambda: scalar(app, "SELECT count(*) FROM outbox WHERE completed_at IS NULL")
-               == 0, timeout=30, message="every outbox row completed")
-    assert worker.lines(r"Task txmon\.outbox\.run_batch\[.*\] succeeded")
-    assert worker.lines(r"Batched task txmon\.alerts\.check_transaction \(outbox row \d+\) "
-                        r"failed \(TypeError\); sending it on its own")
-    assert worker.lines(r"Task txmon\.alerts\.check_transaction\[[0-9a-f-]+\] raised")
-    assert len(worker.lines(r"check_transaction\[outbox:\d+\] succeeded")) == 6
-    assert set(rows(app, "SELECT DISTINCT email_status FROM notifications")[0].values()) == {
-        "sent"}
-    assert len(smtp.received) == 6
-    assert scalar(app, "SELECT count(*) FROM outbox") == n_rows
 
 
 def test_broker_qos__ack_on_a_torn_down_channel_is_logged_not_fatal(caplog):

@@ -15,7 +15,6 @@ import pytest
 
 pytest.register_assert_rewrite("tests.worker_support")
 
-from tests.helpers import invariant_violations  # noqa: E402
 from tests.worker_support import (RowLock, outbox_pending, rows, scalar,  # noqa: E402
                                   wait_until)
 
@@ -43,7 +42,7 @@ def test_two_relays_concurrently_never_send_a_row_twice(app, database_url):
     from shared import outbox
 
     n = 3000
-    _write_rows(app, "txmon.test.noop", [{"n": i} for i in range(n)])
+    _write_rows(app, "txmon.realtime.publish_alert", [{"n": i} for i in range(n)])
     with app.app_context():
         assert outbox.backlog() == n
 
@@ -52,10 +51,10 @@ def test_two_relays_concurrently_never_send_a_row_twice(app, database_url):
     barrier = threading.Barrier(2, timeout=30)
 
     def relay(k: int) -> None:
-        def send(task, payload, eta):
-            assert task == "txmon.test.noop" and eta is None
-            sent[k].append(payload["n"])
-            time.sleep(0.0002)  # a publish takes a moment: widen the overlap
+        def send(claimed):
+            for row in claimed:
+                sent[k].append(row.payload["n"])
+                time.sleep(0.0002)  # a publish takes a moment: widen the overlap
 
         try:
             with app.app_context():
@@ -77,7 +76,7 @@ def test_two_relays_concurrently_never_send_a_row_twice(app, database_url):
     assert sent[0] and sent[1], "both relays should have taken a share"
     with app.app_context():
         assert outbox.backlog() == 0
-    assert rows(app, "SELECT DISTINCT attempts FROM outbox") == [{"attempts": 1}]
+    assert rows(app, "SELECT DISTINCT attempts FROM outbox") == [{"attempts": 0}]  # none ran
     assert scalar(app, "SELECT count(*) FROM outbox WHERE dispatched_at IS NULL") == 0
 
 
@@ -163,113 +162,6 @@ def test_visibility_timeout__configurable_from_environment(monkeypatch):
     assert conf["broker_transport_options"]["visibility_timeout"] == 7
 
 
-def test_countdown_task_with_short_visibility_timeout__delivered_once(
-        app, api, database_url, workers, celery_client):
-    """Visibility timeout 6 s (kombu restores unacked messages every second). A countdown
-    shorter than that arrives once. The control - a countdown longer than the visibility
-    timeout - shows the duplicate this test would catch, and that the refund still happens
-    only once because the task is idempotent.
-
-    The app does not read the visibility timeout from the environment, so the worker runs
-    ``tests.worker_support:celery_for_tests``: the project's app with
-    ``app.config["CELERY_VISIBILITY_TIMEOUT_S"]`` set, the knob celery_config reads.
-    """
-    _postgres_only(database_url)
-    visibility = 6
-    worker = workers.start(app_spec="tests.worker_support:celery_for_tests",
-                           TXMON_TEST_VISIBILITY_TIMEOUT_S=visibility)
-
-    api.account("vt-user", 1000)
-    r = api.purchase("vt-user", 300, vid="vt-long", timeout_seconds=10)  # 10 s > 6 s
-    assert r.status_code == 201, r.get_json()
-    short = celery_client.send_task("txmon.refunds.expire_verification",
-                                    kwargs={"verification_id": "vt-absent"}, countdown=2)
-    sent_at = time.monotonic()
-
-    def received(task_id=None) -> dict:
-        got = worker.received("txmon.refunds.expire_verification")
-        return got if task_id is None else got.get(task_id, 0)
-
-    wait_until(lambda: worker.lines(rf"expire_verification\[{short.id}\] succeeded"),
-               timeout=30, message="the short countdown task ran")
-    # Past the visibility timeout plus a few restore sweeps: a redelivery would be here.
-    wait_until(lambda: time.monotonic() - sent_at > visibility + 4, timeout=30)
-    assert received(short.id) == 1
-
-    # Control: the long countdown outlived the visibility timeout.
-    wait_until(lambda: scalar(app, "SELECT status FROM verifications WHERE id = 'vt-long'")
-               == "timed_out", timeout=40, message="vt-long refunded")
-    long_ids = [t for t in received() if t != short.id]
-    assert len(long_ids) == 1
-    wait_until(lambda: received(long_ids[0]) >= 2, timeout=20,
-               message="the long countdown redelivered after the visibility timeout")
-    wait_until(lambda: len(worker.lines(rf"expire_verification\[{long_ids[0]}\] succeeded")) >= 2,
-               timeout=30, message="both deliveries ran")
-    assert len(rows(app, "SELECT id FROM transactions WHERE verification_id = 'vt-long' "
-                         "AND type = 'verification_refund'")) == 1
-    assert invariant_violations(app) == []
-
-
-def test_balance_loop__publishes_the_stored_message_as_is__older_rows_go_as_tasks(
-        app, database_url, redis_server, celery_client):
-    """The balance loop's claim (worker_service/relay.py ``_publish_balances``): a row that
-    carries its message is published on the owner's channel and the admin channel exactly
-    as the ledger stored it, and completed; a row written before messages travelled in the
-    row goes out as its task and stays open until that task completes it."""
-    _postgres_only(database_url)
-    import base64
-    import json
-
-    from shared import outbox, realtime
-    from shared.db import db, utcnow
-    from worker_service import relay
-
-    message = {"type": "balance_update", "balance_cents": 12345, "seq": 7,
-               "transaction": {"id": 99, "user_id": "pub-1", "description": "é; \"q\" %s"},
-               "timestamp": "2026-11-26T08:50:05.123456+00:00"}
-    with app.app_context(), db.engine.begin() as conn:
-        now = utcnow()
-        outbox.write(conn, [
-            outbox.message(outbox.PUBLISH_BALANCE, "pub-1", now, transaction_id=99,
-                           message=message),
-            outbox.message(outbox.PUBLISH_BALANCE, "pub-2", now, transaction_id=100)])
-    stored = scalar(app, "SELECT payload::text FROM outbox WHERE user_id = 'pub-1'")
-    expected = json.dumps(json.loads(stored)["message"])  # the text the ledger wrote
-
-    subscriber = redis_server.client().pubsub(ignore_subscribe_messages=True)
-    subscriber.psubscribe("txmon:rt:*")
-    subscriber.get_message(timeout=2)
-    broker = redis_server.client()
-    broker.delete("realtime")
-    old_url = app.config["REDIS_URL"]
-    app.config["REDIS_URL"] = redis_server.url()
-    try:
-        with app.app_context():
-            assert relay._publish_balances(celery_client) == 2
-    finally:
-        app.config["REDIS_URL"] = old_url
-
-    got = []
-    while (m := subscriber.get_message(timeout=1)) is not None:
-        got.append((m["channel"].decode(), m["data"].decode()))
-    subscriber.close()
-    assert got == [(realtime.user_channel("pub-1"), expected),
-                   (realtime.ADMIN_CHANNEL, expected)]
-
-    queued = [json.loads(raw) for raw in broker.lrange("realtime", 0, -1)]
-    broker.delete("realtime")
-    assert [q["headers"]["task"] for q in queued] == [outbox.PUBLISH_BALANCE]
-    args, kwargs, _ = json.loads(base64.b64decode(queued[0]["body"]))
-    legacy_id = scalar(app, "SELECT id FROM outbox WHERE user_id = 'pub-2'")
-    assert kwargs == {"transaction_id": 100, "outbox_id": legacy_id}
-
-    state = {r["user_id"]: r for r in rows(
-        app, "SELECT user_id, dispatched_at IS NOT NULL AS dispatched,"
-             " completed_at IS NOT NULL AS completed FROM outbox")}
-    assert state["pub-1"]["dispatched"] and state["pub-1"]["completed"]
-    assert state["pub-2"]["dispatched"] and not state["pub-2"]["completed"]
-
-
 def test_one_listening_connection_per_worker__both_loops_still_woken(
         app, api, database_url, redis_server, workers):
     """A worker's relay loops share one LISTEN connection (worker_service/relay.py): the
@@ -307,5 +199,5 @@ def test_one_listening_connection_per_worker__both_loops_still_woken(
              " AND completed_at IS NULL") == 0,
                timeout=15, message="every row of the credit dispatched and completed")
     tasks = {r["task"] for r in rows(app, "SELECT task FROM outbox WHERE user_id = 'listen-1'")}
-    assert tasks == {"txmon.notifications.deliver_all", "txmon.realtime.publish_balance",
-                     "txmon.alerts.check_transaction"}
+    assert tasks == {"txmon.notifications.push", "txmon.email.send_notification",
+                     "txmon.realtime.publish_balance", "txmon.alerts.check_transaction"}

@@ -62,6 +62,8 @@ def run(name: str, outbox_ids: list[int]) -> dict:
             log.warning("Handler %s failed for its batch of %s rows (%s: %s)", name, len(rows),
                         type(exc).__name__, exc)
             results = {r.id: exc for r in rows}
+        finally:
+            db.session.remove()  # SQLite: a session's open transaction holds the write lock
     failed = [(r, results[r.id]) for r in rows if isinstance(results.get(r.id), BaseException)]
     outbox.complete([r.id for r in rows if not isinstance(results.get(r.id), BaseException)])
     if failed:

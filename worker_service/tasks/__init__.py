@@ -12,6 +12,9 @@ def each(rows, key: str, body) -> dict:
             results[row.id] = body(row.payload[key])
         except Exception as exc:
             results[row.id] = exc
+            from shared.db import db
+
+            db.session.rollback()  # the next row starts on a clean session
     return results
 
 
