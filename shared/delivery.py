@@ -84,6 +84,66 @@ class Push:
         """Nothing to record (see ``record``)."""
 
 
+class Breaker:
+    """A channel whose server is in trouble (a timeout, a refused connection) is paused for
+    every worker, through a Redis key: while paused, one runner at a time tries it and the
+    others postpone their rows untried, so a stuck server holds one pool process at most,
+    never all of them (pushes and alert checks keep running)."""
+
+    PAUSE_S = 30
+    RETRY_S = 5  # a postponed row is due again this much later
+
+    def __init__(self, name: str):
+        self.key, self.probe = f"txmon:channel:{name}:paused", f"txmon:channel:{name}:probe"
+
+    def _redis(self):
+        from flask import current_app
+
+        from shared.redis_client import client
+
+        return client(current_app.config["REDIS_URL"])
+
+    def allow(self) -> tuple[bool, bool]:
+        """(may this runner send now, is the channel paused)."""
+        try:
+            r = self._redis()
+            if not r.exists(self.key):
+                return True, False
+            return bool(r.set(self.probe, 1, nx=True, ex=self.PAUSE_S)), True
+        except Exception:  # Redis away: nothing to coordinate with, try the channel
+            return True, False
+
+    def trip(self) -> None:
+        try:
+            self._redis().set(self.key, 1, ex=self.PAUSE_S)
+        except Exception:
+            pass
+
+    def reset(self) -> None:
+        try:
+            self._redis().delete(self.key, self.probe)
+        except Exception:
+            pass
+
+    def guard(self, rows: list, send) -> dict:
+        """``send(rows)`` if the channel is not paused (or this runner probes it), else every
+        row postponed; ``send`` returns per row None or an exception, a connection-level one
+        (not in mail.REFUSED) trips the breaker."""
+        allowed, paused = self.allow()
+        if not allowed:
+            return {row.id: outbox.Postpone(self.RETRY_S) for row in rows}
+        results = send(rows)
+        errors = [e for e in results.values() if isinstance(e, Exception)]
+        if any(not isinstance(e, mail.REFUSED) for e in errors):
+            self.trip()
+        elif paused:
+            self.reset()
+        return results
+
+
+SMTP_BREAKER = Breaker("email")
+
+
 class Email:
     """Email over SMTP_URL: one connection for the batch, a stable Message-ID per
     notification (so the rare duplicate, a worker dying between the server's acceptance
@@ -97,7 +157,10 @@ class Email:
 
     def send(self, rows: list) -> dict[int, Exception | None]:
         """Send each email; a connection-level failure fails the rest of the batch at once
-        (the server is in trouble: no second timeout per message)."""
+        (the server is in trouble: no second timeout per message) and pauses the channel."""
+        return SMTP_BREAKER.guard(rows, self._send)
+
+    def _send(self, rows: list) -> dict[int, Exception | None]:
         results: dict[int, Exception | None] = {}
         trouble: Exception | None = None
         for row in rows:
@@ -153,7 +216,7 @@ def deliver(channel_name: str, notification_ids: list[int]) -> dict[int, object]
         else:
             skipped.append(row)
     results = channel.send(todo) if todo else {}
-    sent = [row for row in todo if results.get(row.id) is None]
+    sent = [row for row in todo if row.id in results and results[row.id] is None]
     # Refused by the server for this message alone: retrying cannot help, it is final.
     refused = [row for row in todo if isinstance(results.get(row.id), mail.REFUSED)]
     with db.engine.begin() as conn:

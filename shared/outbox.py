@@ -182,7 +182,7 @@ def claim_balances(sql: RawSql, limit: int) -> list[tuple]:
 
 _START = (update(outbox_table)
           .where(o.id.in_(bindparam("ids", expanding=True)), o.completed_at.is_(None),
-                 o.dead_at.is_(None),
+                 o.dead_at.is_(None), o.available_at <= bindparam("now"),
                  or_(o.leased_until.is_(None), o.leased_until < bindparam("now")))
           .values(leased_until=bindparam("until"), attempts=o.attempts + 1)
           .returning(o.id, o.payload, o.attempts))
@@ -221,7 +221,29 @@ def complete(ids: list[int]) -> None:
             conn.execute(_COMPLETE, {"ids": ids, "now": utcnow()})
 
 
-def fail(task: str, failures: list[tuple], ) -> list[int]:
+class Postpone:
+    """A handler's result for a row it did not try (its channel is paused): due again in
+    ``seconds``, the attempt not counted."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __repr__(self) -> str:
+        return "postponed"
+
+
+def postpone(rows: list, seconds: float) -> None:
+    """Rows a runner leased and did not try: due again in ``seconds``, attempt not counted."""
+    if rows:
+        with db.engine.begin() as conn:
+            conn.execute(update(outbox_table)
+                         .where(o.id.in_([r.id for r in rows]), o.completed_at.is_(None))
+                         .values(dispatched_at=None, leased_until=None,
+                                 attempts=o.attempts - 1,
+                                 available_at=utcnow() + timedelta(seconds=seconds)))
+
+
+def fail(task: str, failures: list[tuple]) -> list[int]:
     """Record failed runs: ``failures`` are (row, error text). Each row is due again after
     its handler's backoff, or dead when its attempts are spent. Returns the dead rows' ids."""
     spec = HANDLERS[task]

@@ -12,13 +12,15 @@ import pytest
 
 pytest.register_assert_rewrite("tests.worker_support")
 from tests.helpers import invariant_violations  # noqa: E402
-from tests.worker_support import redis_server, rows, scalar, smtp  # noqa: E402,F401
+from tests.worker_support import rows, scalar  # noqa: E402
+
+pytest_plugins = ["tests.worker_support"]
 
 pytestmark = pytest.mark.smoke
 
 
 @pytest.fixture
-def wired(app, redis_server, smtp, monkeypatch):  # noqa: F811
+def wired(app, redis_server, smtp, monkeypatch):
     """The app pointed at the test's Redis and SMTP server, with the handlers registered."""
     import worker_service.tasks.alerts  # noqa: F401  (each module registers its bodies)
     import worker_service.tasks.email  # noqa: F401

@@ -65,7 +65,11 @@ def run(name: str, outbox_ids: list[int]) -> dict:
         finally:
             db.session.remove()  # SQLite: a session's open transaction holds the write lock
     failed = [(r, results[r.id]) for r in rows if isinstance(results.get(r.id), BaseException)]
-    outbox.complete([r.id for r in rows if not isinstance(results.get(r.id), BaseException)])
+    later = [r for r in rows if isinstance(results.get(r.id), outbox.Postpone)]
+    if later:
+        outbox.postpone(later, max(results[r.id].seconds for r in later))
+    outbox.complete([r.id for r in rows if not isinstance(results.get(r.id),
+                                                          (BaseException, outbox.Postpone))])
     if failed:
         dead = set(outbox.fail(name, [(r, f"{type(e).__name__}: {e}") for r, e in failed]))
         hook = ON_DEAD.get(name)

@@ -70,5 +70,6 @@ def _send_alert(alert_id: int) -> str:
 
 @handles(outbox.EMAIL_ALERT)
 def send_alert(rows) -> dict:
-    """Email each alert to TXMON_ADMIN_EMAIL."""
-    return each(rows, "alert_id", _send_alert)
+    """Email each alert to TXMON_ADMIN_EMAIL (paused with the notification emails)."""
+    return delivery.SMTP_BREAKER.guard(
+        rows, lambda rows: each(rows, "alert_id", _send_alert))
