@@ -25,10 +25,10 @@ def rules_config(app, monkeypatch):
 
 
 def _check(app, tx_id: int) -> list[str]:
-    from worker_service.tasks.alerts import check_transaction
+    from worker_service.tasks.alerts import check
 
     with app.app_context():
-        return check_transaction.run(tx_id)
+        return check(tx_id)
 
 
 def _rules(app, user_id: str) -> list[str]:

@@ -29,7 +29,7 @@ import websocket
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"
-CELERY_QUEUES = ("default", "outbox", "notifications", "email", "refunds", "alerts",
+CELERY_QUEUES = ("default", "outbox", "push", "email", "refunds", "alerts",
                  "reconcile", "realtime")
 
 
