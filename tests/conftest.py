@@ -8,12 +8,16 @@ import uuid
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.helpers import Api
+# Before anything imports the package, so its asserts report like the tests' own.
+pytest.register_assert_rewrite("tests.support")
+
+from tests.support import Api  # noqa: E402
+from tests.support.db import empty_tables  # noqa: E402
+
+pytest_plugins = ["tests.support.workers"]
 
 PG_ADMIN_URL = os.environ.get("TXMON_TEST_PG_ADMIN_URL",
                               "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-TABLES = ("outbox", "alerts", "notifications", "notification_preferences", "verifications",
-          "transactions", "accounts", "reconciliation_runs")
 
 
 def _database_url(tmp_path_factory) -> tuple[str, callable]:
@@ -62,16 +66,7 @@ def _clean_tables(request):
     if "app" not in request.fixturenames:
         yield
         return
-    app = request.getfixturevalue("app")
-    from shared.db import db
-
-    with app.app_context():
-        with db.engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
-            else:
-                for table in TABLES:
-                    conn.execute(text(f"DELETE FROM {table}"))
+    empty_tables(request.getfixturevalue("app"))
     yield
 
 
@@ -89,14 +84,14 @@ def client(app):
 
 @pytest.fixture
 def api(app, client):
-    """Contract-level helper: headers, tokens, account set-up (see tests/helpers.py)."""
+    """Contract-level helper: headers, tokens, account set-up (tests/support/api.py)."""
     return Api(app, client)
 
 
 @pytest.fixture
 def sockets(stack):
-    """Websocket clients on a test module's ``stack`` (tests/ws_support.py), closed after."""
-    from tests.ws_support import Sockets
+    """Websocket clients on a test module's ``stack`` (tests/support/stack.py), closed after."""
+    from tests.support.stack import Sockets
 
     s = Sockets(stack)
     yield s

@@ -5,7 +5,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from tests.helpers import assert_error
+from tests.support import assert_error
 from sqlalchemy import text, update
 
 pytestmark = pytest.mark.smoke

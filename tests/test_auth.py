@@ -6,6 +6,8 @@ from datetime import datetime, timedelta, timezone
 import jwt
 import pytest
 
+from tests.support import assert_error
+
 pytestmark = pytest.mark.smoke
 
 SERVICE_ROUTES = [
@@ -23,15 +25,6 @@ USER_ROUTES = [
 ADMIN_ROUTES = [("get", "/api/admin/transactions/monitor"), ("get", "/api/admin/alerts"),
                 ("post", "/api/admin/alerts/1/acknowledge"),
                 ("get", "/api/admin/reconciliation")]
-
-
-def assert_error(r, status: int, code: str) -> dict:
-    """The contract's error body: {"error": {"code", "message", "details"}}."""
-    assert r.status_code == status, r.get_json()
-    body = r.get_json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}
-    assert body["error"]["code"] == code and body["error"]["message"]
-    return body["error"]
 
 
 def bearer(token: str) -> dict:

@@ -18,11 +18,11 @@ import resource
 import runpy
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT
+
 
 CHILD = r"""
 from gevent import monkey

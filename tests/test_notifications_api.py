@@ -2,7 +2,7 @@
 in-app notification per transaction, the inbox, read state, low balance, preferences."""
 import pytest
 
-from tests.helpers import assert_error, invariant_violations
+from tests.support import assert_error, invariant_violations
 
 pytestmark = pytest.mark.smoke
 

@@ -33,7 +33,7 @@ from schemathesis.specs.openapi.checks import (content_type_conformance,
                                                response_schema_conformance,
                                                status_code_conformance)
 
-from tests.helpers import invariant_violations
+from tests.support import invariant_violations
 
 FUZZ_USER = "fuzz-user"
 VALID_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # api_service.schemas.Id

@@ -19,16 +19,9 @@ import time
 
 import pytest
 
-pytest.register_assert_rewrite("tests.worker_support")
+from tests.support import ok
+from tests.support.workers import rows, scalar, wait_quiet, wait_until
 
-from tests.worker_support import rows, scalar, wait_quiet, wait_until  # noqa: E402
-
-pytest_plugins = ["tests.worker_support"]
-
-
-def _ok(r, *codes):
-    assert r.status_code in (codes or (200, 201)), (r.status_code, r.get_json())
-    return r.get_json()
 
 
 @pytest.fixture
@@ -78,12 +71,12 @@ def test_deliver__push_and_email_each_follow_their_own_preference(live, api, smt
              "small": {"min_amount_notify_cents": 5000},
              "dflt": {}}
     for user, prefs in cases.items():
-        _ok(api.client.put(f"/api/v1/accounts/{user}", headers=svc,
+        ok(api.client.put(f"/api/v1/accounts/{user}", headers=svc,
                            json={"email": f"{user}@example.com"}))
         if prefs:
-            _ok(api.client.put("/api/notifications/preferences", headers=api.user(user),
+            ok(api.client.put("/api/notifications/preferences", headers=api.user(user),
                                json=prefs))
-        _ok(api.client.post(f"/api/v1/accounts/{user}/credits", headers=svc,
+        ok(api.client.post(f"/api/v1/accounts/{user}/credits", headers=svc,
                             json={"amount_cents": 1000, "payment_id": f"pay-{user}"}))
     notes = {r["user_id"]: r for r in rows(live, "SELECT id, user_id FROM notifications")}
     rows_by_note = {r["payload"]["notification_id"]: r["id"] for r in rows(
@@ -133,9 +126,9 @@ def test_deliver__email_failure_rolls_back_to_pending_and_keeps_the_row_open(
         live, api, smtp, redis_server):
     from shared import delivery
 
-    _ok(api.client.put("/api/v1/accounts/zed", headers=api.service,
+    ok(api.client.put("/api/v1/accounts/zed", headers=api.service,
                        json={"email": "zed@example.com"}))
-    _ok(api.client.post("/api/v1/accounts/zed/credits", headers=api.service,
+    ok(api.client.post("/api/v1/accounts/zed/credits", headers=api.service,
                         json={"amount_cents": 1000, "payment_id": "pay-zed"}))
     nid = scalar(live, "SELECT id FROM notifications")
     row = scalar(live, "SELECT id FROM outbox WHERE task = 'txmon.notifications.deliver_all'")
@@ -237,13 +230,13 @@ def test_countdown_batch__refunds_each_row_at_its_expiry__nothing_early(app, api
     once, never before its expires_at."""
     from datetime import datetime
 
-    from tests.helpers import invariant_violations
+    from tests.support import invariant_violations
 
     users = [f"cb{i}" for i in range(4)]
     expiry = {}
     for i, u in enumerate(users):
         api.account(u, 1000)
-        r = _ok(api.purchase(u, 100, vid=f"v-cb{i}", timeout_seconds=10))
+        r = ok(api.purchase(u, 100, vid=f"v-cb{i}", timeout_seconds=10))
         expiry[f"v-cb{i}"] = datetime.fromisoformat(r["verification"]["expires_at"])
     worker = workers.start()
     wait_until(lambda: scalar(app, "SELECT count(*) FROM verifications WHERE id LIKE 'v-cb%' "

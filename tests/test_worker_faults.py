@@ -14,20 +14,11 @@ import threading
 from collections import Counter
 from datetime import datetime, timezone
 
-import pytest
 
-pytest.register_assert_rewrite("tests.worker_support")
-
-from tests.helpers import invariant_violations  # noqa: E402
-from tests.worker_support import (RowLock, email_statuses, outbox_pending,  # noqa: E402
+from tests.support import invariant_violations, ok
+from tests.support.workers import (RowLock, email_statuses, outbox_pending,
                                   pid_owning_local_port, rows, scalar, wait_until)
 
-pytest_plugins = ["tests.worker_support"]
-
-
-def _ok(r, *codes):
-    assert r.status_code in (codes or (200, 201)), (r.status_code, r.get_json())
-    return r.get_json()
 
 
 class Traffic:
@@ -187,7 +178,7 @@ def test_sigkill_worker_child_mid_email__sent_once_status_consistent(app, api, w
     smtp.hold_next = 1  # the first DATA command stays open until we say so
     worker = workers.start(smtp=smtp)
     api.account("kim", 0, email="kim@example.com")
-    credit = _ok(api.client.post("/api/v1/accounts/kim/credits", headers=api.service,
+    credit = ok(api.client.post("/api/v1/accounts/kim/credits", headers=api.service,
                                  json={"amount_cents": 1234, "payment_id": "pk-1"}))
     nid = scalar(app, "SELECT id FROM notifications WHERE transaction_id = :t",
                  t=credit["transaction"]["id"])
@@ -222,7 +213,7 @@ def test_sigkill_worker_child_mid_email__sent_once_status_consistent(app, api, w
 def test_sigkill_worker_child_mid_refund__refund_exists_once(app, api, workers):
     worker = workers.start()
     api.account("lee", 1000)
-    r = _ok(api.purchase("lee", 400, vid="v-kill", timeout_seconds=10))
+    r = ok(api.purchase("lee", 400, vid="v-kill", timeout_seconds=10))
     expires_at = datetime.fromisoformat(r["verification"]["expires_at"])
 
     lock = RowLock(app, "SELECT * FROM accounts WHERE user_id = 'lee' FOR UPDATE")

@@ -13,13 +13,10 @@ import time
 
 import pytest
 
-pytest.register_assert_rewrite("tests.worker_support")
-
-from tests.helpers import invariant_violations  # noqa: E402
-from tests.worker_support import (RowLock, outbox_pending, rows, scalar,  # noqa: E402
+from tests.support import invariant_violations
+from tests.support.workers import (RowLock, outbox_pending, rows, scalar,
                                   wait_until)
 
-pytest_plugins = ["tests.worker_support"]
 
 MAX_TIMEOUT_S = 86400  # DESIGN.md: timeout_seconds 10-86400
 
@@ -171,12 +168,12 @@ def test_countdown_task_with_short_visibility_timeout__delivered_once(
     only once because the task is idempotent.
 
     The app does not read the visibility timeout from the environment, so the worker runs
-    ``tests.worker_support:celery_for_tests``: the project's app with
+    ``tests.support.workers:celery_for_tests``: the project's app with
     ``app.config["CELERY_VISIBILITY_TIMEOUT_S"]`` set, the knob celery_config reads.
     """
     _postgres_only(database_url)
     visibility = 6
-    worker = workers.start(app_spec="tests.worker_support:celery_for_tests",
+    worker = workers.start(app_spec="tests.support.workers:celery_for_tests",
                            TXMON_TEST_VISIBILITY_TIMEOUT_S=visibility)
 
     api.account("vt-user", 1000)
@@ -278,7 +275,7 @@ def test_one_listening_connection_per_worker__both_loops_still_woken(
     and its delivery and alert check run (task loop; no beat runs here, so nothing else
     would send them)."""
     _postgres_only(database_url)
-    from tests.worker_support import pid_owning_local_port
+    from tests.support.workers import pid_owning_local_port
 
     worker = workers.start(concurrency=1)
 

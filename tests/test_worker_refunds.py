@@ -8,14 +8,10 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-import pytest
 
-pytest.register_assert_rewrite("tests.worker_support")
+from tests.support import invariant_violations
+from tests.support.workers import RowLock, rows, scalar, wait_until
 
-from tests.helpers import invariant_violations
-from tests.worker_support import RowLock, rows, scalar, wait_until
-
-pytest_plugins = ["tests.worker_support"]
 
 
 def _seconds_until(iso: str) -> float:

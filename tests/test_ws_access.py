@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 import requests
 
-from tests.ws_support import (check_update, forge, has_seq, running_stack, summarize, uid, updates)
+from tests.support.stack import (check_update, forge, has_seq, running_stack, summarize, uid, updates)
 
 POLICY_VIOLATION = 1008
 LARGE_DEBIT_CENTS = 2_000

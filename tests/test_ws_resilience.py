@@ -13,7 +13,7 @@ import time
 import pytest
 import requests
 
-from tests.ws_support import (Closed, Reader, Sockets, Stack, check_contiguous, check_update,
+from tests.support.stack import (Closed, Reader, Sockets, Stack, check_contiguous, check_update,
                               compress, connections_by_worker, has_seq, notifications,
                               running_stack, seqs, summarize, uid, updates, wait_until)
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.ws_support import (Closed, Reader, check_contiguous, check_update, compress, has_seq,
+from tests.support.stack import (Closed, Reader, check_contiguous, check_update, compress, has_seq,
                               notifications, running_stack, seqs, summarize, uid, updates,
                               wait_until)
 
