@@ -3,6 +3,7 @@ migrated with the project's Alembic migrations, emptied before each test."""
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 
 import pytest
@@ -12,9 +13,20 @@ from sqlalchemy import create_engine, text
 pytest.register_assert_rewrite("tests.support")
 
 from tests.support import Api  # noqa: E402
+from tests.support.common import strict  # noqa: E402
 from tests.support.db import empty_tables  # noqa: E402
 
 pytest_plugins = ["tests.support.workers"]
+
+REQUIRED_TOOLS = ("redis-server", "chromium")
+
+
+def pytest_sessionstart(session):
+    """In CI every tool the suite drives must be there: the run stops before any test."""
+    missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
+    if strict() and missing:
+        raise pytest.UsageError(f"strict test run (CI/TXMON_TEST_STRICT) without {missing}")
+
 
 PG_ADMIN_URL = os.environ.get("TXMON_TEST_PG_ADMIN_URL",
                               "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -45,13 +57,14 @@ def database_url(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def app(database_url):
+def app(database_url, redis_server):
+    """The API in-process, its rate limits counted in the session's own redis-server."""
     from flask_migrate import upgrade
 
     from api_service import create_app
     from shared.config import TestConfig
 
-    app = create_app(TestConfig(database_url).as_dict())
+    app = create_app(TestConfig(database_url, redis_server.url()).as_dict())
     with app.app_context():
         upgrade()
     yield app

@@ -93,11 +93,11 @@ def test_alert_rules__one_alert_per_finding_acknowledge_and_counts(app, api, wor
 
 
 def _run_cli(app, database_url, *args) -> subprocess.CompletedProcess:
-    import os
+    from tests.support.common import clean_env
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TXMON_", "PROMETHEUS_"))}
-    env.update(DATABASE_URL=database_url, TXMON_SERVICE_KEYS=",".join(app.config["SERVICE_KEYS"]),
-               TXMON_JWT_SECRET=app.config["JWT_SECRET"], TXMON_RATELIMIT_STORAGE="memory://")
+    env = clean_env(DATABASE_URL=database_url, REDIS_URL=app.config["REDIS_URL"],
+                    TXMON_SERVICE_KEYS=",".join(app.config["SERVICE_KEYS"]),
+                    TXMON_JWT_SECRET=app.config["JWT_SECRET"])
     return subprocess.run([str(FLASK_BIN), "--app", "api_service", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
 

@@ -45,15 +45,24 @@ class Pushes:
         self.client = redis.Redis.from_url(redis_url)
         self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         self.pubsub.psubscribe("txmon:rt:user:*")
-        wait_until(lambda: self.pubsub.get_message(timeout=0.1) is None or True, timeout=5)
+        wait_until(lambda: self.client.pubsub_numpat() >= 1, timeout=10,
+                   message="the pattern subscription to register")
 
-    def collect(self, settle: float = 0.3) -> list[dict]:
-        got, deadline = [], time.monotonic() + settle
-        while time.monotonic() < deadline:
-            m = self.pubsub.get_message(timeout=0.05)
+    def collect(self) -> list[dict]:
+        """Everything published so far: a marker published now arrives after all of it
+        (Redis delivers in the order it ran the PUBLISH commands), so no quiet window."""
+        marker = {"type": "end-of-collect", "id": time.monotonic_ns()}
+        self.client.publish("txmon:rt:user:__marker__", json.dumps(marker))
+        got: list[dict] = []
+
+        def marker_seen():
+            m = self.pubsub.get_message(timeout=0.1)
             if m and m["type"] == "pmessage":
                 got.append(json.loads(m["data"]))
-        return got
+            return bool(got) and got[-1] == marker
+
+        wait_until(marker_seen, timeout=30, interval=0, message=lambda: f"marker; got {got}")
+        return got[:-1]
 
     def close(self) -> None:
         self.pubsub.close()
@@ -181,18 +190,48 @@ def test_smtp_connection__reused__survives_a_dropped_connection_and_a_refusal(li
     assert len(smtp.messages(to="d@example.com")) == 1
 
 
-def test_relay_sender__batches_per_queue_and_per_eta_slot__singletons_alone(live):
+def test_relay_sender__batches_per_queue_and_per_eta_slot__singletons_alone(
+        live, redis_server, celery_client):
+    """The sender publishes through the real broker (the test Redis, no worker consuming);
+    what it sent is read back from the queues."""
     from datetime import datetime, timedelta, timezone
 
     from worker_service import relay
 
-    sent = []
+    redis_server.client().flushall()
+    sender = relay.Sender(celery_client, batch_max=3)
+    seen: list[tuple] = []
 
-    class FakeCelery:
-        def send_task(self, name, kwargs=None, eta=None, queue=None, retry=None):
-            sent.append((name, queue, eta, kwargs))
+    class Sent:
+        """(task, queue, eta, kwargs) of every message on the broker, in publish order."""
 
-    sender = relay.Sender(FakeCelery(), batch_max=3)
+        def __getitem__(self, index):
+            return self._all()[index]
+
+        def __len__(self):
+            return len(self._all())
+
+        def __iter__(self):
+            return iter(self._all())
+
+        def _all(self):
+            import base64
+
+            with redis_server.client() as r:
+                for queue in ("default", "notifications", "alerts", "refunds", "outbox",
+                              "email", "reconcile", "realtime"):
+                    for raw in reversed(r.lrange(queue, 0, -1)):  # LPUSH: oldest last
+                        message = json.loads(raw)
+                        if message["headers"]["id"] in {s[4] for s in seen}:
+                            continue
+                        _, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+                        eta = message["headers"].get("eta")
+                        seen.append((message["headers"]["task"], queue,
+                                     eta and datetime.fromisoformat(eta), kwargs,
+                                     message["headers"]["id"]))
+            return [s[:4] for s in seen]
+
+    sent = Sent()
     slot = datetime(2030, 1, 1, tzinfo=timezone.utc)  # a whole second: the start of a slot
     ms = timedelta(milliseconds=1)
     expire = "txmon.refunds.expire_verification"
@@ -258,7 +297,11 @@ def test_countdown_batch__refunds_each_row_at_its_expiry__nothing_early(app, api
 def test_batch__failing_row_sent_on_alone__others_done__nothing_lost(app, api, workers, smtp):
     """Rows committed before the worker starts go out in batches; one row whose task cannot
     run (a payload its task does not accept) fails in the batch, is sent on as its own task,
-    fails there for good, and its row is completed (not sent forever); the others ran."""
+    fails there for good, and its row is completed (not sent forever); the others ran.
+
+    Changes with issue 12, "Rebuild the delivery pipeline: one outbox spine, channels,
+    batches, recovery within a minute": DESIGN.md keeps such a row as a dead letter
+    (visible, re-drivable) instead of completing it."""
     from shared import outbox
     from shared.db import db, utcnow
 

@@ -14,10 +14,11 @@ import threading
 from collections import Counter
 from datetime import datetime, timezone
 
+import pytest
 
 from tests.support import invariant_violations, ok
 from tests.support.workers import (RowLock, email_statuses, outbox_pending,
-                                  pid_owning_local_port, rows, scalar, wait_until)
+                                  pid_owning_local_port, rows, scalar, wait_idle, wait_until)
 
 
 
@@ -85,13 +86,29 @@ def _tx_id(kind: str, body: dict) -> int:
     return body["refund"]["id"] if kind == "cancel" else body["transaction"]["id"]
 
 
+PIPELINE = ("Rebuild the delivery pipeline: one outbox spine, channels, batches, recovery "
+            "within a minute")
+
+
+# The outbox lease after which the sweep sends a lost message again: 5 s, and the
+# production default. DESIGN.md: every follow-up still due is done within 60 s of a worker
+# being up, once; after a whole host dies that fails today with the production lease.
+LEASES = pytest.mark.parametrize("lease", [
+    pytest.param("5", id="lease-5s"),
+    pytest.param(None, id="production-lease",
+                 marks=pytest.mark.xfail(strict=True, reason=PIPELINE)),
+])
+
+
 def test_redis_stopped_during_traffic__api_keeps_working__nothing_lost(
-        app, api, workers, smtp, redis_server, celery_client):
+        app, api, workers, beat, smtp, redis_server):
     """Traffic runs before, during and after a Redis outage. When Redis stops, the worker
     is busy (both children inside a slow SMTP DATA) and holds more email tasks it has taken
-    but not started - the normal state of a loaded worker. Those messages are lost with the
-    connection; the outbox sweep sends them again once their lease (5 s here) has passed."""
-    worker = workers.start(smtp=smtp, TXMON_OUTBOX_LEASE_S="5")
+    but not started - the normal state of a loaded worker. Redis keeps nothing on disk, so
+    those messages and everything queued are lost; Celery beat (as scripts/run runs it)
+    sends the outbox sweep, and everything is delivered, once, with production settings."""
+    worker = workers.start(smtp=smtp)
+    beat.start()
     users = [f"rd-{i}" for i in range(4)]
     for u in users:
         api.account(u, 50_000, email=f"{u}@example.com")
@@ -156,13 +173,11 @@ def test_redis_stopped_during_traffic__api_keeps_working__nothing_lost(
                 f"outage, restored only after the visibility timeout); all unacked: "
                 f"{dict(all_held)}")
 
-    # ... and so is what the worker had already taken from Redis when it went away: beat
-    # is not running here, so the test sends the sweep that beat sends every 5 s.
-    def swept_and_delivered() -> bool:
-        celery_client.send_task("txmon.outbox.sweep")
-        return "pending" not in email_statuses(app).values()
-
-    wait_until(swept_and_delivered, timeout=60, interval=3, message=stranded)
+    # ... and so is what the worker had already taken from Redis when it went away: beat's
+    # outbox sweep sends it again.
+    wait_until(lambda: "pending" not in email_statuses(app).values(), timeout=60, interval=1,
+               message=stranded)
+    wait_idle(app, redis_server)
     notes = list(by_tx.values())
     for user in users:
         mine = [n for n in notes if n["user_id"] == user]
@@ -170,11 +185,13 @@ def test_redis_stopped_during_traffic__api_keeps_working__nothing_lost(
         for title in {n["title"] for n in mine}:
             want = sum(1 for n in mine if n["title"] == title)
             have = sum(1 for m in got if m.subject == f"txmon: {title}")
-            assert have >= want, (user, title, want, have)  # at least once
+            assert have == want, (user, title, want, have)  # each follow-up once
     assert set(email_statuses(app).values()) == {"sent"}
+    assert invariant_violations(app, delivered=True) == []
 
 
-def test_sigkill_worker_child_mid_email__sent_once_status_consistent(app, api, workers, smtp):
+def test_sigkill_worker_child_mid_email__sent_once_status_consistent(app, api, workers, smtp,
+                                                                     redis_server):
     smtp.hold_next = 1  # the first DATA command stays open until we say so
     worker = workers.start(smtp=smtp)
     api.account("kim", 0, email="kim@example.com")
@@ -204,10 +221,56 @@ def test_sigkill_worker_child_mid_email__sent_once_status_consistent(app, api, w
     assert worker.lines(rf"deliver_all\[{task_id}\] succeeded .*email=sent'")
     # SMTP delivery is at least once: the killed attempt's DATA had arrived, then the retry's.
     got = smtp.messages(to="kim@example.com", subject="txmon: Credits Added")
+    # Changes with "Rebuild the delivery pipeline" (issue 12), whose email channel makes a
+    # killed send not repeat: then exactly one.
     assert 1 <= len(got) <= 2
     assert all("$12.34" in m.part("plain") for m in got)
     assert rows(app, "SELECT count(*) AS n FROM notifications WHERE user_id = 'kim'")[0]["n"] == 1
-    assert invariant_violations(app) == []
+    wait_idle(app, redis_server)
+    assert invariant_violations(app, delivered=True) == []
+
+
+@LEASES
+def test_sigkill_whole_worker_host_mid_email__another_host_delivers_it(
+        app, api, workers, beat, smtp, redis_server, lease):
+    """The whole worker host dies (main process and pool children, SIGKILL) while its email
+    task is inside SMTP DATA; a new worker host comes up, beat runs as in scripts/run."""
+    env = {"TXMON_OUTBOX_LEASE_S": lease} if lease else {}
+    smtp.hold_next = 1
+    first = workers.start(smtp=smtp, **env)
+    beat.start(**env)
+    api.account("hal", 0, email="hal@example.com")
+    ok(api.client.post("/api/v1/accounts/hal/credits", headers=api.service,
+                       json={"amount_cents": 4321, "payment_id": "ph-1"}))
+    wait_until(smtp.holding.is_set, timeout=30, message="the email task inside SMTP DATA")
+    pids = [first.pid, *first.children()]
+    first.kill()
+
+    def running() -> list[int]:
+        alive = []
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().split()[2] != "Z":  # a zombie has died, not yet reaped
+                        alive.append(pid)
+            except FileNotFoundError:
+                pass
+        return alive
+
+    wait_until(lambda: not running(), timeout=30, message=lambda: f"dead host: {running()}")
+    smtp.release()
+
+    second = workers.start(smtp=smtp, **env)
+    wait_until(lambda: set(email_statuses(app, "hal").values()) == {"sent"}, timeout=60,
+               message=lambda: f"hal's email after the host died: {email_statuses(app, 'hal')};"
+                               f" new host's log tail:\n{second.log()[-2500:]}")
+    wait_idle(app, redis_server)
+    got = smtp.messages(to="hal@example.com", subject="txmon: Credits Added")
+    # The dead host's DATA had arrived before it died; the new host's send may repeat it
+    # (exactly one changes with "Rebuild the delivery pipeline", issue 12).
+    assert 1 <= len(got) <= 2, len(got)
+    assert all("$43.21" in m.part("plain") for m in got)
+    assert invariant_violations(app, delivered=True) == []
 
 
 def test_sigkill_worker_child_mid_refund__refund_exists_once(app, api, workers):

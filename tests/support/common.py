@@ -22,7 +22,7 @@ BIN = ROOT / ".venv" / "bin"
 def wait_until(predicate, timeout: float = 30.0, *, interval: float = 0.1, message=""):
     """Poll ``predicate`` until it returns something truthy; return that.
 
-    Fails the test after ``timeout`` seconds (a bound on the wait, never an assertion on
+    Raises AssertionError after ``timeout`` seconds (a bound on the wait, never an assertion on
     speed). ``message`` may be a callable, evaluated on failure to show the state then. An
     AssertionError raised by ``predicate`` fails at once (e.g. the process being waited on
     exited); any other exception is a transient answer and polling goes on.
@@ -42,8 +42,9 @@ def wait_until(predicate, timeout: float = 30.0, *, interval: float = 0.1, messa
             detail = f" (last error: {last_exc!r})" if last_exc else ""
             if callable(message):
                 message = message()
-            pytest.fail(f"gave up after {timeout:.0f}s waiting for: "
-                        f"{message or getattr(predicate, '__name__', predicate)}{detail}")
+            raise AssertionError(f"gave up after {timeout:.0f}s waiting for: "
+                                 f"{message or getattr(predicate, '__name__', predicate)}"
+                                 f"{detail}")
         time.sleep(interval)
 
 
@@ -252,6 +253,13 @@ class RedisServer:
             args = json.loads(body)
             found.append((message["headers"]["task"], args[1] if len(args) > 1 else {}))
         return found
+
+    def unacked_ids(self) -> set[str]:
+        """Task ids in kombu's ``unacked`` hash: only those can be delivered again."""
+        import json
+
+        with self.client() as c:
+            return {json.loads(raw)[0]["headers"]["id"] for raw in c.hvals("unacked")}
 
 
 def start_gunicorn(app, database_url: str, tmp: Path, *, workers: int, redis_url: str,

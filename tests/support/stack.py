@@ -28,6 +28,7 @@ import websocket
 
 from tests.support.common import BIN, Process, RedisServer, app_env, free_port, wait_until
 
+MARKER = "txmon-test-marker"  # key of Stack.rest's marker notifications
 CELERY_QUEUES = ("default", "outbox", "notifications", "email", "refunds", "alerts",
                  "reconcile", "realtime")
 
@@ -254,6 +255,34 @@ class Stack:
             r.close()
 
 
+    def rest(self, client: "Client", user_id: str | None = None) -> list[dict]:
+        """Every message still on its way to ``client`` (a user's socket, or the admin feed
+        when ``user_id`` is None), with no quiet window: once the system is idle (outbox
+        dispatched, no task queued or unacknowledged), a marker published now on the
+        client's channel reaches it after everything published before it, since Redis and
+        the hub keep each channel's order. Clients never return markers (``Client.recv``)."""
+        from shared.realtime import ADMIN_CHANNEL, user_channel
+
+        self.quiesce()
+        marker = uuid.uuid4().hex
+        r = self.redis.client()
+        try:
+            r.publish(user_channel(user_id) if user_id else ADMIN_CHANNEL,
+                      json.dumps({"type": "notification", "notification": {MARKER: marker}}))
+        finally:
+            r.close()
+        got: list[dict] = []
+        deadline = time.monotonic() + 30
+        while marker not in client.markers:
+            assert time.monotonic() < deadline, (
+                f"marker not relayed within 30 s; got {summarize(got)}")
+            try:
+                got.append(client.recv(1))
+            except TimeoutError:
+                continue
+        return got
+
+
 @contextmanager
 def running_stack(app, database_url, tmp_path_factory, name: str, **kw):
     """A started Stack, always stopped afterwards (even when start-up fails half-way)."""
@@ -284,6 +313,7 @@ class Client:
         self.url = url
         self.ws = websocket.create_connection(url, timeout=timeout, sockopt=sockopt)
         self.closed: Closed | None = None
+        self.markers: set[str] = set()  # Stack.rest's markers seen (never returned)
 
     def send(self, text: str) -> None:
         self.ws.send(text)
@@ -311,8 +341,13 @@ class Client:
         return data.decode() if isinstance(data, bytes) else data
 
     def recv(self, timeout: float = 10) -> dict:
-        """The next message, decoded as JSON."""
-        return json.loads(self.recv_raw(timeout))
+        """The next message, decoded as JSON (Stack.rest's markers are noted and skipped)."""
+        while True:
+            message = json.loads(self.recv_raw(timeout))
+            marker = (message.get("notification") or {}).get(MARKER)
+            if marker is None:
+                return message
+            self.markers.add(marker)
 
     def expect_close(self, timeout: float = 10) -> Closed:
         """Read until the server closes; returns the Closed (fails if it does not)."""

@@ -38,8 +38,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.common import (BIN, ROOT, RedisServer, app_env, child_pids, die_with_parent,
-                                  free_port, wait_until)
+from tests.support.common import (BIN, ROOT, Process, RedisServer, app_env, child_pids,
+                                  die_with_parent, free_port, wait_until)
 
 CELERY_BIN = BIN / "celery"
 FLASK_BIN = BIN / "flask"
@@ -342,6 +342,7 @@ class Worker:
         return self.metrics().get((name, tuple(sorted(labels.items()))))
 
     def kill(self) -> None:
+        """The whole worker host dies: SIGKILL to the main process and every pool child."""
         if self.proc is None:
             return
         try:
@@ -400,6 +401,58 @@ def workers(app, database_url, redis_server, tmp_path):
         w.kill()
     if redis_server.ping():
         redis_server.client().flushall()
+
+
+@pytest.fixture
+def beat(app, database_url, redis_server, tmp_path):
+    """Factory: ``beat.start() -> Process``: ``celery beat`` as scripts/run runs it (the
+    project's schedule: outbox sweep, expiry scan, reconciliation), on the test Redis."""
+    started: list[Process] = []
+
+    class Factory:
+        def start(self, **overrides) -> Process:
+            env = worker_env(app, database_url, redis_server.url(), None, tmp_path, **overrides)
+            n = len(started)
+            proc = Process(f"beat-{n}", [
+                str(CELERY_BIN), "-A", "worker_service.celery_app", "beat", "--loglevel=INFO",
+                "--schedule", str(tmp_path / f"celerybeat-schedule-{n}")], env, tmp_path)
+            started.append(proc)
+
+            def up():
+                assert proc.alive(), f"celery beat exited:\n{proc.tail()}"
+                return "beat: Starting..." in proc.output()
+
+            wait_until(up, 60, message=lambda: f"celery beat started:\n{proc.tail()}")
+            return proc
+
+    yield Factory()
+    for proc in started:
+        proc.stop(grace=5)
+
+
+def wait_idle(app, redis_server, *, timeout: float = 60.0) -> None:
+    """Wait until the system is provably idle: no due outbox row undispatched, nothing in a
+    Celery queue, and no task taken by a worker and not yet acknowledged (acks_late: a task
+    running or reserved stays in kombu's ``unacked`` hash) other than countdown tasks still
+    waiting for their ETA. Counting after this proves "no duplicate" without a quiet
+    window."""
+    import json
+
+    from worker_service.celery_app import celery_config
+
+    queues = {q.name for q in celery_config({"REDIS_URL": redis_server.url()})["task_queues"]}
+
+    def idle():
+        if scalar(app, "SELECT count(*) FROM outbox WHERE dispatched_at IS NULL "
+                       "AND available_at <= now()"):
+            return False
+        with redis_server.client() as r:
+            if any(r.llen(q) for q in queues):
+                return False
+            return not [raw for raw in r.hvals("unacked")
+                        if not json.loads(raw)[0].get("headers", {}).get("eta")]
+
+    wait_until(idle, timeout, message="outbox dispatched, queues empty, nothing unacknowledged")
 
 
 def wait_quiet(app, worker: Worker, *, timeout: float = 60.0) -> None:
