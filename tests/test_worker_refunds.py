@@ -64,7 +64,7 @@ def test_timeout__countdown_task_refunds_once_within_30s_of_expiry(app, api, wor
     assert invariant_violations(app) == []
 
 
-def test_timeout__countdown_and_scan_racing__still_one_refund(app, api, workers, celery_client):
+def test_timeout__countdown_and_scan_racing__still_one_refund(app, api, workers, beat):
     """Force the race: hold the account row at expiry so the countdown task and the scan's
     batch task both block inside the refund, then let them go at once."""
     worker = workers.start()
@@ -87,12 +87,12 @@ def test_timeout__countdown_and_scan_racing__still_one_refund(app, api, workers,
                                "AND (query ILIKE '%UPDATE accounts%' "
                                "OR query ILIKE '%UPDATE verifications%')")
 
-        # The countdown task reaches the lock on its own; then the beat scan's path.
+        # The countdown task reaches the lock on its own; then the path of beat's scan
+        # (every 10 s, beat as scripts/run runs it).
         wait_until(lambda: blocked_refunds() >= 1, timeout=30,
                    message="countdown task blocked in the refund")
-        for _ in range(3):
-            celery_client.send_task("txmon.refunds.scan_expired")
-        wait_until(lambda: blocked_refunds() >= 2, timeout=30,
+        beat.start()
+        wait_until(lambda: blocked_refunds() >= 2, timeout=60,
                    message="scan's expire_batch blocked in the refund too")
         assert _verification(api, "v-race-1")["status"] == "pending"
     finally:

@@ -430,12 +430,13 @@ def beat(app, database_url, redis_server, tmp_path):
         proc.stop(grace=5)
 
 
-def wait_idle(app, redis_server, *, timeout: float = 60.0) -> None:
+def wait_idle(app, redis_server, *, timeout: float = 60.0, dead: set[str] = frozenset()) -> None:
     """Wait until the system is provably idle: no due outbox row undispatched, nothing in a
     Celery queue, and no task taken by a worker and not yet acknowledged (acks_late: a task
     running or reserved stays in kombu's ``unacked`` hash) other than countdown tasks still
-    waiting for their ETA. Counting after this proves "no duplicate" without a quiet
-    window."""
+    waiting for their ETA, and ``dead``: task ids a killed worker host held (they stay in
+    the hash until the visibility timeout). Counting after this proves "no duplicate"
+    without a quiet window."""
     import json
 
     from worker_service.celery_app import celery_config
@@ -449,8 +450,8 @@ def wait_idle(app, redis_server, *, timeout: float = 60.0) -> None:
         with redis_server.client() as r:
             if any(r.llen(q) for q in queues):
                 return False
-            return not [raw for raw in r.hvals("unacked")
-                        if not json.loads(raw)[0].get("headers", {}).get("eta")]
+            held = [json.loads(raw)[0].get("headers", {}) for raw in r.hvals("unacked")]
+        return not [h for h in held if not h.get("eta") and h.get("id") not in dead]
 
     wait_until(idle, timeout, message="outbox dispatched, queues empty, nothing unacknowledged")
 
