@@ -119,9 +119,9 @@ def engine_options(url: str, *, custom_plans: bool = False) -> dict:
 
 
 class TestConfig(Config):
-    """Configuration for the test suite: fixed secrets, in-memory rate limits."""
+    """Configuration for the test suite: fixed secrets; rate limits in the test's Redis."""
 
-    def __init__(self, database_url: str | None = None) -> None:
+    def __init__(self, database_url: str | None = None, redis_url: str | None = None) -> None:
         os.environ.setdefault("TXMON_SERVICE_KEYS", "test-service-key")
         os.environ.setdefault("TXMON_JWT_SECRET", "test-jwt-secret-0123456789abcdef0123")
         super().__init__()
@@ -129,6 +129,8 @@ class TestConfig(Config):
         if database_url:
             self.SQLALCHEMY_DATABASE_URI = normalize_database_url(database_url)
             self.SQLALCHEMY_ENGINE_OPTIONS = engine_options(self.SQLALCHEMY_DATABASE_URI)
-        self.RATELIMIT_STORAGE_URI = "memory://"
-        # The in-process concurrency tests want every thread's request in flight at once.
-        self.HTTP_CONCURRENCY = 0
+        if redis_url:
+            self.REDIS_URL = self.RATELIMIT_STORAGE_URI = redis_url
+        # Admission control on, its limit above the in-process concurrency tests' thread
+        # count (16), so every thread's request is in flight at once.
+        self.HTTP_CONCURRENCY = 32

@@ -3,17 +3,33 @@ migrated with the project's Alembic migrations, emptied before each test."""
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.helpers import Api
+# Before anything imports the package, so its asserts report like the tests' own.
+pytest.register_assert_rewrite("tests.support")
+
+from tests.support import Api  # noqa: E402
+from tests.support.common import strict  # noqa: E402
+from tests.support.db import empty_tables  # noqa: E402
+
+pytest_plugins = ["tests.support.workers"]
+
+REQUIRED_TOOLS = ("redis-server", "chromium")
+
+
+def pytest_sessionstart(session):
+    """In CI every tool the suite drives must be there: the run stops before any test."""
+    missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
+    if strict() and missing:
+        raise pytest.UsageError(f"strict test run (CI/TXMON_TEST_STRICT) without {missing}")
+
 
 PG_ADMIN_URL = os.environ.get("TXMON_TEST_PG_ADMIN_URL",
                               "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-TABLES = ("outbox", "alerts", "notifications", "notification_preferences", "verifications",
-          "transactions", "accounts", "reconciliation_runs")
 
 
 def _database_url(tmp_path_factory) -> tuple[str, callable]:
@@ -41,13 +57,14 @@ def database_url(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def app(database_url):
+def app(database_url, redis_server):
+    """The API in-process, its rate limits counted in the session's own redis-server."""
     from flask_migrate import upgrade
 
     from api_service import create_app
     from shared.config import TestConfig
 
-    app = create_app(TestConfig(database_url).as_dict())
+    app = create_app(TestConfig(database_url, redis_server.url()).as_dict())
     with app.app_context():
         upgrade()
     yield app
@@ -62,16 +79,7 @@ def _clean_tables(request):
     if "app" not in request.fixturenames:
         yield
         return
-    app = request.getfixturevalue("app")
-    from shared.db import db
-
-    with app.app_context():
-        with db.engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
-            else:
-                for table in TABLES:
-                    conn.execute(text(f"DELETE FROM {table}"))
+    empty_tables(request.getfixturevalue("app"))
     yield
 
 
@@ -89,14 +97,14 @@ def client(app):
 
 @pytest.fixture
 def api(app, client):
-    """Contract-level helper: headers, tokens, account set-up (see tests/helpers.py)."""
+    """Contract-level helper: headers, tokens, account set-up (tests/support/api.py)."""
     return Api(app, client)
 
 
 @pytest.fixture
 def sockets(stack):
-    """Websocket clients on a test module's ``stack`` (tests/ws_support.py), closed after."""
-    from tests.ws_support import Sockets
+    """Websocket clients on a test module's ``stack`` (tests/support/stack.py), closed after."""
+    from tests.support.stack import Sockets
 
     s = Sockets(stack)
     yield s

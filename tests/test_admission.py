@@ -7,27 +7,30 @@ tests run the whole stack that way with the default limit).
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from api_service.admission import Admission
+from tests.support import wait_until
 
 
 class Overlap:
-    """A WSGI app that sleeps a little and records the most calls running at once."""
+    """A WSGI app whose calls wait for one another in groups of ``together`` (a barrier with
+    a generous deadline) and that records the most calls running at once: ``together``
+    calls must be let in at once, or the barrier breaks and the calls fail."""
 
-    def __init__(self):
+    def __init__(self, together: int):
         self.lock = threading.Lock()
         self.running = self.most = 0
         self.closed = 0
+        self.barrier = threading.Barrier(together, timeout=30)
 
     def __call__(self, environ, start_response):
         with self.lock:
             self.running += 1
             self.most = max(self.most, self.running)
-        time.sleep(0.02)
+        self.barrier.wait()
         with self.lock:
             self.running -= 1
         start_response("200 OK", [("Content-Type", "text/plain")])
@@ -48,7 +51,7 @@ def _call(app, path: str) -> bytes:
 
 @pytest.mark.parametrize("limit", [1, 2, 3])
 def test_at_most_limit_requests_run_at_once(limit):
-    inner = Overlap()
+    inner = Overlap(together=limit)
     app = Admission(inner, limit)
     with ThreadPoolExecutor(12) as pool:
         bodies = list(pool.map(lambda i: _call(app, f"/api/v1/x{i}"), range(48)))
@@ -61,11 +64,11 @@ def test_at_most_limit_requests_run_at_once(limit):
 def test_websockets_probes_and_metrics_are_not_counted(path):
     """A socket's handler runs for as long as the client stays, and probes must answer
     while requests queue: none of them may wait for (or hold) a slot."""
-    inner = Overlap()
+    inner = Overlap(together=8)  # all eight at once, past a limit of one
     app = Admission(inner, 1)
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda i: _call(app, path), range(8)))
-    assert inner.most > 1
+    assert inner.most == 8
 
 
 def test_app_uses_the_configured_limit(database_url):
@@ -87,7 +90,7 @@ def test_waiters_are_served_in_arrival_order_and_nobody_barges_in():
 
     def holder():
         with slots:
-            holder_go.wait(5)
+            holder_go.wait(30)
 
     def waiter(name):
         with slots:
@@ -95,24 +98,17 @@ def test_waiters_are_served_in_arrival_order_and_nobody_barges_in():
 
     first = threading.Thread(target=holder)
     first.start()
-    wait_for(lambda: slots._free == 0)
+    wait_until(lambda: slots._free == 0, message="the holder to take the slot")
     threads = []
     for name in ("w1", "w2", "w3", "w4"):
         t = threading.Thread(target=waiter, args=(name,))
         t.start()
         threads.append(t)
-        wait_for(lambda n=len(threads): len(slots._waiters) == n)
+        wait_until(lambda n=len(threads): len(slots._waiters) == n, message="waiters queued")
     holder_go.set()
     with slots:  # a newcomer right after the release: it must queue behind w1..w4
         order.append("newcomer")
     for t in [first, *threads]:
-        t.join(5)
+        t.join(30)
     assert order == ["w1", "w2", "w3", "w4", "newcomer"]
     assert slots._free == 1 and not slots._waiters
-
-
-def wait_for(predicate, timeout: float = 5) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.helpers import invariant_violations
+from tests.support import invariant_violations
 
 pytestmark = pytest.mark.smoke
 

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.test_log_secrets import ROOT
+from tests.support import ROOT
 
 
 @pytest.fixture

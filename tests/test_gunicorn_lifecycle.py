@@ -13,27 +13,24 @@ import signal
 
 import requests
 
-from tests.test_log_secrets import _wait_until_up, start_gunicorn
+from tests.support import start_gunicorn
 
 
 def test_says_where_it_listens__ctrl_c_quits_every_process_without_a_traceback(
-        app, database_url, tmp_path):
-    proc, base, out, err = start_gunicorn(app, database_url, tmp_path, workers=2,
-                                          TXMON_WORKER_CLASS="gevent")
+        app, database_url, redis_server, tmp_path):
+    proc, base = start_gunicorn(app, database_url, tmp_path, workers=2,
+                                redis_url=redis_server.url(), TXMON_WORKER_CLASS="gevent")
     try:
-        _wait_until_up(proc, base, out, err)
         # Every worker serving: each request comes on a new connection, which the kernel
         # hands to one of the workers' own listening sockets (reuse_port); a worker
         # answers only once it runs, i.e. after its start-up.
         for _ in range(24):
             assert requests.get(f"{base}/healthz", timeout=10).status_code == 200
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-        code = proc.wait(timeout=30)
+        code = proc.popen.wait(timeout=30)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    output = out.read_text(errors="replace") + err.read_text(errors="replace")
+        proc.stop(sig=signal.SIGKILL, grace=0)
+    output = proc.output()
     assert code == 0, output[-3000:]
     assert output.count("Worker exiting") == 2, output[-3000:]
     assert "Traceback" not in output and "SystemExit" not in output, output[-3000:]

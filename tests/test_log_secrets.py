@@ -7,24 +7,17 @@ lines `Credits deducted: ...`, `Transaction created: ...`, `Balance: ...`, `Noti
 from __future__ import annotations
 
 import logging
-import os
 import re
-import signal
-import socket
-import subprocess
 import time
 import uuid
 from datetime import timedelta
-from pathlib import Path
 
 import jwt
 import pytest
 import requests
 
-from tests.helpers import invariant_violations
+from tests.support import invariant_violations, start_gunicorn
 
-ROOT = Path(__file__).resolve().parent.parent
-GUNICORN = ROOT / ".venv" / "bin" / "gunicorn"
 
 
 def _secrets(api, app) -> dict[str, str]:
@@ -240,54 +233,12 @@ def test_design_log_lines_appear_exactly_when_money_moves(api, app, caplog):
 
 # -- a real gunicorn with the project's config ------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_until_up(proc, base: str, out: Path, err: Path) -> None:
-    deadline = time.monotonic() + 60  # start-up guard, not an assertion on speed
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"gunicorn exited with {proc.returncode}:\n{out.read_text()}\n"
-                        f"{err.read_text()}")
-        try:
-            if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"gunicorn did not answer /healthz:\n{out.read_text()}\n{err.read_text()}")
-
-
-def start_gunicorn(app, database_url: str, tmp_path: Path, *, workers: int, **env):
-    """gunicorn as scripts/run serves the API (gunicorn.conf.py, access log on its stdout)
-    on a free port, with the test database and the app's secrets, in a process group of
-    its own. Returns (process, base URL, stdout file, stderr file); it may still be
-    starting."""
-    port = _free_port()
-    env = dict(os.environ, PORT=str(port), DATABASE_URL=database_url,
-               TXMON_SERVICE_KEYS=",".join(app.config["SERVICE_KEYS"]),
-               TXMON_JWT_SECRET=app.config["JWT_SECRET"], TXMON_WEB_WORKERS=str(workers),
-               TXMON_RATELIMIT_STORAGE="memory://",
-               PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"), **env)
-    for name in ("TXMON_ACCESS_LOG", "TXMON_BIND"):
-        env.pop(name, None)
-    out, err = tmp_path / "gunicorn.out", tmp_path / "gunicorn.err"
-    with out.open("wb") as fout, err.open("wb") as ferr:
-        proc = subprocess.Popen([str(GUNICORN), "-c", "gunicorn.conf.py", "api_service.wsgi:app"],
-                                cwd=ROOT, env=env, stdout=fout, stderr=ferr,
-                                start_new_session=True)
-    return proc, f"http://127.0.0.1:{port}", out, err
-
-
-def test_gunicorn_output_has_no_token_or_key(api, app, database_url, tmp_path):
+def test_gunicorn_output_has_no_token_or_key(api, app, database_url, redis_server, tmp_path):
     s = _secrets(api, app)
-    proc, base, out, err = start_gunicorn(app, database_url, tmp_path, workers=1)
+    proc, base = start_gunicorn(app, database_url, tmp_path, workers=1,
+                                redis_url=redis_server.url())
     answers = []
     try:
-        _wait_until_up(proc, base, out, err)
         key = {"X-API-Key": s["service key"]}
         user = {"Authorization": f"Bearer {s['user token']}"}
         with requests.Session() as http:
@@ -320,13 +271,8 @@ def test_gunicorn_output_has_no_token_or_key(api, app, database_url, tmp_path):
             call("GET", f"/nowhere?token={s['user token']}&key={s['service key']}")
             call("POST", "/api/v1/accounts/logu1/credits", headers=key, data="nope")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    output = out.read_text(errors="replace") + err.read_text(errors="replace")
+        proc.stop(grace=30)
+    output = proc.output()
 
     statuses = {status for *_, status in answers}
     assert {200, 201, 400, 401, 404, 422} <= statuses, answers

@@ -33,7 +33,7 @@ from schemathesis.specs.openapi.checks import (content_type_conformance,
                                                response_schema_conformance,
                                                status_code_conformance)
 
-from tests.helpers import invariant_violations
+from tests.support import invariant_violations
 
 FUZZ_USER = "fuzz-user"
 VALID_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # api_service.schemas.Id
@@ -45,6 +45,9 @@ FUZZ_SETTINGS = settings(max_examples=25, deadline=None, database=None,
                                                 HealthCheck.function_scoped_fixture])
 
 
+# Changes with issue 13, "Hardening: no client can stall txmon, no deployment runs on
+# development secrets":
+# limits per principal (service key and admin too), so the rotation below changes with it.
 class Credentials:
     """Headers by path prefix. Tokens rotate (distinct exp) so no token hits the rate limit."""
 
@@ -247,6 +250,9 @@ def test_nul_character_in_a_text_field__is_not_a_server_error(api, app, field):
     method, path, headers, body = _nul_requests(api, app)[field]
     r = api.client.open(path, method=method, headers=headers, json=body)
     assert r.status_code < 500, r.get_json()
+    # Changes with issue 13, "Hardening: no client can stall txmon, no deployment runs on
+# development secrets":
+    # its field limits decide which NUL-bearing fields are refused.
     if r.status_code >= 400:
         assert r.status_code == 422 and r.get_json()["error"]["code"] == "validation_error"
     assert invariant_violations(app) == []

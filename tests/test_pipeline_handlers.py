@@ -10,11 +10,9 @@ import json
 
 import pytest
 
-pytest.register_assert_rewrite("tests.worker_support")
-from tests.helpers import invariant_violations  # noqa: E402
-from tests.worker_support import rows, scalar  # noqa: E402
+from tests.support import invariant_violations
+from tests.support.workers import rows, scalar
 
-pytest_plugins = ["tests.worker_support"]
 
 pytestmark = pytest.mark.smoke
 
@@ -58,7 +56,7 @@ def _row(app, outbox_id: int) -> dict:
 def _spend_attempts(app, task: str, outbox_id: int) -> None:
     """Bring a row to its last attempt (the schedule's waits are minutes long)."""
     from shared import outbox
-    from tests.worker_support import execute
+    from tests.support.workers import execute
 
     execute(app, "UPDATE outbox SET attempts = :a WHERE id = :i",
             a=outbox.HANDLERS[task].attempts - 1, i=outbox_id)

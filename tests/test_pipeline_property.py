@@ -18,11 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-pytest.register_assert_rewrite("tests.worker_support")
-from tests.helpers import invariant_violations  # noqa: E402
-from tests.worker_support import execute, rows, scalar  # noqa: E402
+from tests.support import invariant_violations
+from tests.support.workers import execute, rows, scalar
 
-pytest_plugins = ["tests.worker_support"]
 _examples = itertools.count()
 
 STEP = st.one_of(st.tuples(st.just("dispatch")), st.tuples(st.just("lapsed")),

@@ -18,41 +18,24 @@ SMTP server (aiosmtpd) and a test-owned Redis that keeps nothing on disk.
 from __future__ import annotations
 
 import socket
-import subprocess
 import threading
 import time
 from collections import Counter
 
 import pytest
 
-pytest.register_assert_rewrite("tests.worker_support")
-from tests.helpers import invariant_violations  # noqa: E402
-from tests.worker_support import (RedisServer, Worker, _die_with_parent, rows, scalar,  # noqa: E402
-                                  wait_until, worker_env)
+from tests.support import invariant_violations
+from tests.support.common import RedisServer
+from tests.support.workers import Worker, rows, scalar, wait_until, worker_env
 
-pytest_plugins = ["tests.worker_support"]
 RECOVERY_S = 60
-
-
-class VolatileRedis(RedisServer):
-    """A redis-server that keeps nothing: a restart loses every queued message."""
-
-    def start(self) -> None:
-        assert self.proc is None or self.proc.poll() is not None
-        self.proc = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
-             "--dir", str(self.dir), "--appendonly", "no", "--save", "",
-             "--logfile", str(self.dir / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            preexec_fn=_die_with_parent)
-        wait_until(self.ping, timeout=20, message=f"redis-server on :{self.port}")
 
 
 @pytest.fixture
 def volatile_redis(tmp_path, database_url):
     if not database_url.startswith("postgres"):
         pytest.skip("worker tests run against PostgreSQL (LISTEN/NOTIFY, SKIP LOCKED)")
-    server = VolatileRedis(tmp_path)
+    server = RedisServer(tmp_path)  # keeps nothing: a restart loses every queued message
     server.start()
     yield server
     server.kill()
@@ -189,7 +172,7 @@ def test_redis_restarted_without_persistence__every_follow_up_within_60s__emails
     assert [mid for mid, n in got.items() if n > 1] == []  # each email exactly once
     _no_alert_twice(app)
     assert scalar(app, "SELECT count(*) FROM outbox WHERE dead_at IS NOT NULL") == 0
-    assert invariant_violations(app) == []
+    assert invariant_violations(app, delivered=True) == []
 
 
 def test_worker_host_sigkilled_mid_traffic__new_worker_does_every_follow_up_within_60s(
@@ -220,7 +203,7 @@ def test_worker_host_sigkilled_mid_traffic__new_worker_does_every_follow_up_with
     repeated = {mid for mid, n in got.items() if n > 1}
     assert repeated <= {f"<notification-{n}@txmon.local>" for n in held}, (repeated, held)
     _no_alert_twice(app)
-    assert invariant_violations(app) == []
+    assert invariant_violations(app, delivered=True) == []
 
 
 class StuckSmtp:
@@ -306,6 +289,6 @@ def test_stuck_smtp__pushes_balances_and_alert_checks_done__emails_once_it_answe
                                    f"{worker.log()[-2000:]}")
         got, want = _emails_by_message_id(app, smtp)
         assert set(got) == want and [m for m, n in got.items() if n > 1] == []
-        assert invariant_violations(app) == []
+        assert invariant_violations(app, delivered=True) == []
     finally:
         stuck.close()

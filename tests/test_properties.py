@@ -19,26 +19,14 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (Bundle, RuleBasedStateMachine, initialize, invariant, multiple,
                                  precondition, rule, run_state_machine_as_test)
 
-from sqlalchemy import text
 
-from tests.conftest import TABLES
-from tests.helpers import invariant_violations
+from tests.support import invariant_violations
+from tests.support.db import empty_tables
 
 ENDINGS = {"cancel": "cancelled", "fail": "failed"}
 amounts = st.integers(min_value=1, max_value=5000)
 costs = st.integers(min_value=1, max_value=800)
 signed = st.integers(min_value=-2000, max_value=2000).filter(bool)
-
-
-def _empty_tables(app) -> None:
-    from shared.db import db
-
-    with app.app_context(), db.engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
-        else:
-            for table in TABLES:
-                conn.execute(text(f"DELETE FROM {table}"))
 
 
 class LedgerModel(RuleBasedStateMachine):
@@ -53,7 +41,7 @@ class LedgerModel(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        _empty_tables(self.app)
+        empty_tables(self.app)
         self.client = self.app.test_client()
         self.headers = {"X-API-Key": self.app.config["SERVICE_KEYS"][0]}
         self.prefix = uuid.uuid4().hex[:10]

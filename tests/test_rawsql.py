@@ -27,6 +27,7 @@ def _count(sql_text: str, **params) -> int:
 def _assert_pool_clean() -> None:
     """Every connection the pool holds is idle and not in autocommit."""
     pool = db.engine.pool
+    assert pool.checkedin() > 0, "the pool holds no connection: there is nothing to check"
     held = [db.engine.raw_connection() for _ in range(pool.checkedin())]
     try:
         for pooled in held:

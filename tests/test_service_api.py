@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
-from tests.helpers import invariant_violations
+from tests.support import assert_error, invariant_violations
 
 pytestmark = pytest.mark.smoke
 
@@ -23,21 +23,6 @@ BAD_POSITIVE_CENTS = [1.5, 100.0, "100", True, 0, -1, MAX + 1, None]
 BAD_IDS = ["", "x" * 65, "has space", "slash/inside", "semi;colon", "ünïcode", 123]
 # The same, as they can appear in a URL path (percent-encoded where needed).
 BAD_PATH_IDS = ["x" * 65, "has%20space", "semi;colon", "%C3%BCnicode", "star*", "b@d"]
-
-
-def assert_error(r, status: int, code: str) -> dict:
-    """The contract's error body: {"error": {"code", "message", "details"}}."""
-    assert r.status_code == status, r.get_json()
-    body = r.get_json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"code", "message", "details"}
-    assert body["error"]["code"] == code
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    assert isinstance(body["error"]["details"], dict)
-    if status == 422:
-        assert isinstance(body["error"]["details"]["fields"], list)
-        assert body["error"]["details"]["fields"]
-    return body["error"]
 
 
 def assert_iso_utc(value: str) -> None:

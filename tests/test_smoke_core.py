@@ -1,7 +1,7 @@
 """A first walk through the purchase lifecycle (runs on Postgres and SQLite)."""
 import pytest
 
-from tests.helpers import invariant_violations
+from tests.support import invariant_violations
 
 pytestmark = pytest.mark.smoke
 

@@ -6,7 +6,7 @@ from datetime import datetime
 
 import pytest
 
-from tests.helpers import assert_error
+from tests.support import assert_error
 
 pytestmark = pytest.mark.smoke
 

@@ -12,27 +12,18 @@ from __future__ import annotations
 import subprocess
 from collections import Counter
 
-import pytest
 
-pytest.register_assert_rewrite("tests.worker_support")
-
-from tests.helpers import invariant_violations  # noqa: E402
-from tests.worker_support import (ADMIN_EMAIL, FLASK_BIN, ROOT, rows, scalar,  # noqa: E402
+from tests.support import invariant_violations, ok
+from tests.support.workers import (ADMIN_EMAIL, FLASK_BIN, ROOT, rows, scalar,
                                   wait_until)
 
-pytest_plugins = ["tests.worker_support"]
 
 RAPID_COUNT = 5
 
 
-def _ok(r, *codes):
-    assert r.status_code in (codes or (200, 201)), (r.status_code, r.get_json())
-    return r.get_json()
-
-
 def _alerts(api, **query) -> list[dict]:
     qs = "&".join(f"{k}={v}" for k, v in query.items())
-    return _ok(api.client.get(f"/api/admin/alerts?{qs}", headers=api.admin()), 200)["alerts"]
+    return ok(api.client.get(f"/api/admin/alerts?{qs}", headers=api.admin()), 200)["alerts"]
 
 
 def test_alert_rules__one_alert_per_finding_acknowledge_and_counts(app, api, workers, smtp):
@@ -41,13 +32,13 @@ def test_alert_rules__one_alert_per_finding_acknowledge_and_counts(app, api, wor
     svc = api.service
 
     api.account("erin", 3 * large)
-    _ok(api.purchase("erin", large + 1, vid="ve-big"))       # large deduction
-    _ok(api.purchase("erin", large, vid="ve-limit"))         # exactly the limit: not "larger"
+    ok(api.purchase("erin", large + 1, vid="ve-big"))       # large deduction
+    ok(api.purchase("erin", large, vid="ve-limit"))         # exactly the limit: not "larger"
     api.account("frank", 10_000)
     for i in range(12):                                      # one burst of 13 transactions
-        _ok(api.purchase("frank", 100, vid=f"vf-{i}"))
+        ok(api.purchase("frank", 100, vid=f"vf-{i}"))
     api.account("gina", 100)
-    neg = _ok(api.client.post("/api/v1/accounts/gina/adjustments", headers=svc, json={
+    neg = ok(api.client.post("/api/v1/accounts/gina/adjustments", headers=svc, json={
         "amount_cents": -300, "reason": "chargeback", "idempotency_key": "kg-1"}))
     assert neg["balance_cents"] == -200
     n_tx = scalar(app, "SELECT count(*) FROM transactions")
@@ -83,11 +74,11 @@ def test_alert_rules__one_alert_per_finding_acknowledge_and_counts(app, api, wor
 
     # Acknowledge.
     rapid = by_rule["rapid_transactions"]
-    first = _ok(api.client.post(f"/api/admin/alerts/{rapid['id']}/acknowledge",
+    first = ok(api.client.post(f"/api/admin/alerts/{rapid['id']}/acknowledge",
                                 headers=api.admin(), json={"note": "known load test"}), 200)
     assert first["status"] == "acknowledged" and first["note"] == "known load test"
     assert first["acknowledged_at"] is not None
-    again = _ok(api.client.post(f"/api/admin/alerts/{rapid['id']}/acknowledge",
+    again = ok(api.client.post(f"/api/admin/alerts/{rapid['id']}/acknowledge",
                                 headers=api.admin(), json={"note": "still fine"}), 200)
     assert again["acknowledged_at"] == first["acknowledged_at"] and again["note"] == "still fine"
     assert [a["id"] for a in _alerts(api, status="acknowledged")] == [rapid["id"]]
@@ -102,11 +93,11 @@ def test_alert_rules__one_alert_per_finding_acknowledge_and_counts(app, api, wor
 
 
 def _run_cli(app, database_url, *args) -> subprocess.CompletedProcess:
-    import os
+    from tests.support.common import clean_env
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TXMON_", "PROMETHEUS_"))}
-    env.update(DATABASE_URL=database_url, TXMON_SERVICE_KEYS=",".join(app.config["SERVICE_KEYS"]),
-               TXMON_JWT_SECRET=app.config["JWT_SECRET"], TXMON_RATELIMIT_STORAGE="memory://")
+    env = clean_env(DATABASE_URL=database_url, REDIS_URL=app.config["REDIS_URL"],
+                    TXMON_SERVICE_KEYS=",".join(app.config["SERVICE_KEYS"]),
+                    TXMON_JWT_SECRET=app.config["JWT_SECRET"])
     return subprocess.run([str(FLASK_BIN), "--app", "api_service", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
 
@@ -116,9 +107,9 @@ def test_reconciliation__finds_planted_mismatch__cli_task_admin_view_and_alert(
     worker = workers.start(smtp=smtp)
     api.account("rec-ok", 1000)
     api.account("rec-bad", 1000)
-    _ok(api.purchase("rec-bad", 150, vid="vrb-1"))
+    ok(api.purchase("rec-bad", 150, vid="vrb-1"))
     # Somebody edits a balance behind the ledger's back.
-    from tests.worker_support import execute
+    from tests.support.workers import execute
 
     execute(app, "UPDATE accounts SET balance_cents = balance_cents + 1 WHERE user_id = 'rec-bad'")
 
@@ -127,7 +118,7 @@ def test_reconciliation__finds_planted_mismatch__cli_task_admin_view_and_alert(
     assert "accounts checked: 2, mismatches: 1" in out.stdout, out.stdout
     assert "rec-bad: balance_differs_from_ledger" in out.stdout, out.stdout
 
-    last = _ok(api.client.get("/api/admin/reconciliation", headers=api.admin()), 200)
+    last = ok(api.client.get("/api/admin/reconciliation", headers=api.admin()), 200)
     assert last["ran_at"] is not None and last["accounts_checked"] == 2
     assert [m["user_id"] for m in last["mismatches"]] == ["rec-bad"]
     mismatch = last["mismatches"][0]
@@ -144,7 +135,7 @@ def test_reconciliation__finds_planted_mismatch__cli_task_admin_view_and_alert(
     celery_client.send_task("txmon.reconcile.run")
     wait_until(lambda: scalar(app, "SELECT count(*) FROM reconciliation_runs") == runs + 1,
                timeout=30, message="txmon.reconcile.run on the worker")
-    again = _ok(api.client.get("/api/admin/reconciliation", headers=api.admin()), 200)
+    again = ok(api.client.get("/api/admin/reconciliation", headers=api.admin()), 200)
     assert again["ran_at"] > last["ran_at"]
     assert [m["user_id"] for m in again["mismatches"]] == ["rec-bad"]
     assert worker.lines(r"Reconciliation mismatch: User=rec-bad, .*balance_differs_from_ledger")
@@ -154,7 +145,7 @@ def test_reconciliation__finds_planted_mismatch__cli_task_admin_view_and_alert(
     celery_client.send_task("txmon.reconcile.run")
     wait_until(lambda: scalar(app, "SELECT count(*) FROM reconciliation_runs") == runs + 2,
                timeout=30, message="second txmon.reconcile.run")
-    clean = _ok(api.client.get("/api/admin/reconciliation", headers=api.admin()), 200)
+    clean = ok(api.client.get("/api/admin/reconciliation", headers=api.admin()), 200)
     assert clean["mismatches"] == [] and clean["accounts_checked"] == 2
     assert invariant_violations(app) == []
     assert rows(app, "SELECT rule FROM alerts WHERE user_id = 'rec-ok'") == []

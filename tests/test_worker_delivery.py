@@ -13,16 +13,9 @@ import time
 
 import pytest
 
-pytest.register_assert_rewrite("tests.worker_support")
+from tests.support import ok
+from tests.support.workers import rows, scalar, wait_quiet, wait_until
 
-from tests.worker_support import rows, scalar, wait_until  # noqa: E402
-
-pytest_plugins = ["tests.worker_support"]
-
-
-def _ok(r, *codes):
-    assert r.status_code in (codes or (200, 201)), (r.status_code, r.get_json())
-    return r.get_json()
 
 
 @pytest.fixture
@@ -46,15 +39,24 @@ class Pushes:
         self.client = redis.Redis.from_url(redis_url)
         self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         self.pubsub.psubscribe("txmon:rt:user:*")
-        wait_until(lambda: self.pubsub.get_message(timeout=0.1) is None or True, timeout=5)
+        wait_until(lambda: self.client.pubsub_numpat() >= 1, timeout=10,
+                   message="the pattern subscription to register")
 
-    def collect(self, settle: float = 0.3) -> list[dict]:
-        got, deadline = [], time.monotonic() + settle
-        while time.monotonic() < deadline:
-            m = self.pubsub.get_message(timeout=0.05)
+    def collect(self) -> list[dict]:
+        """Everything published so far: a marker published now arrives after all of it
+        (Redis delivers in the order it ran the PUBLISH commands), so no quiet window."""
+        marker = {"type": "end-of-collect", "id": time.monotonic_ns()}
+        self.client.publish("txmon:rt:user:__marker__", json.dumps(marker))
+        got: list[dict] = []
+
+        def marker_seen():
+            m = self.pubsub.get_message(timeout=0.1)
             if m and m["type"] == "pmessage":
                 got.append(json.loads(m["data"]))
-        return got
+            return bool(got) and got[-1] == marker
+
+        wait_until(marker_seen, timeout=30, interval=0, message=lambda: f"marker; got {got}")
+        return got[:-1]
 
     def close(self) -> None:
         self.pubsub.close()
@@ -109,13 +111,13 @@ def test_countdown_batch__refunds_each_row_at_its_expiry__nothing_early(app, api
     once, never before its expires_at."""
     from datetime import datetime
 
-    from tests.helpers import invariant_violations
+    from tests.support import invariant_violations
 
     users = [f"cb{i}" for i in range(4)]
     expiry = {}
     for i, u in enumerate(users):
         api.account(u, 1000)
-        r = _ok(api.purchase(u, 100, vid=f"v-cb{i}", timeout_seconds=10))
+        r = ok(api.purchase(u, 100, vid=f"v-cb{i}", timeout_seconds=10))
         expiry[f"v-cb{i}"] = datetime.fromisoformat(r["verification"]["expires_at"])
     worker = workers.start()
     wait_until(lambda: scalar(app, "SELECT count(*) FROM verifications WHERE id LIKE 'v-cb%' "

@@ -13,12 +13,10 @@ import time
 
 import pytest
 
-pytest.register_assert_rewrite("tests.worker_support")
-
-from tests.worker_support import (RowLock, outbox_pending, rows, scalar,  # noqa: E402
+from tests.support import invariant_violations
+from tests.support.workers import (RowLock, outbox_pending, rows, scalar,
                                   wait_until)
 
-pytest_plugins = ["tests.worker_support"]
 
 MAX_TIMEOUT_S = 86400  # DESIGN.md: timeout_seconds 10-86400
 
@@ -78,6 +76,7 @@ def test_two_relays_concurrently_never_send_a_row_twice(app, database_url):
         assert outbox.backlog() == 0
     assert rows(app, "SELECT DISTINCT attempts FROM outbox") == [{"attempts": 0}]  # none ran
     assert scalar(app, "SELECT count(*) FROM outbox WHERE dispatched_at IS NULL") == 0
+    assert invariant_violations(app) == []
 
 
 def _sweeps_done(worker) -> int:
@@ -170,7 +169,7 @@ def test_one_listening_connection_per_worker__both_loops_still_woken(
     and its delivery and alert check run (task loop; no beat runs here, so nothing else
     would send them)."""
     _postgres_only(database_url)
-    from tests.worker_support import pid_owning_local_port
+    from tests.support.workers import pid_owning_local_port
 
     worker = workers.start(concurrency=1)
 
@@ -181,11 +180,6 @@ def test_one_listening_connection_per_worker__both_loops_still_woken(
 
     # "Outbox relay started" is logged as the loops' threads start, before they connect.
     wait_until(lambda: owned(), timeout=15, message="the worker's relay listening")
-    time.sleep(1.0)  # room for a second listener to show up, if there were one
-    listeners = owned()
-    assert len(listeners) == 1, f"listening backends of the worker: {listeners}"
-    assert rows(app, "SELECT application_name FROM pg_stat_activity WHERE client_port = :p",
-                p=listeners[0]["client_port"]) == [{"application_name": "txmon-relay"}]
 
     subscriber = redis_server.client().pubsub(ignore_subscribe_messages=True)
     subscriber.subscribe("txmon:rt:user:listen-1")
@@ -201,3 +195,8 @@ def test_one_listening_connection_per_worker__both_loops_still_woken(
     tasks = {r["task"] for r in rows(app, "SELECT task FROM outbox WHERE user_id = 'listen-1'")}
     assert tasks == {"txmon.notifications.push", "txmon.email.send_notification",
                      "txmon.realtime.publish_balance", "txmon.alerts.check_transaction"}
+    # Counted now that both loops have run (a loop of its own would be listening by then).
+    listeners = owned()
+    assert len(listeners) == 1, f"listening backends of the worker: {listeners}"
+    assert rows(app, "SELECT application_name FROM pg_stat_activity WHERE client_port = :p",
+                p=listeners[0]["client_port"]) == [{"application_name": "txmon-relay"}]

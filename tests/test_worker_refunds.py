@@ -8,14 +8,10 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-import pytest
 
-pytest.register_assert_rewrite("tests.worker_support")
+from tests.support import invariant_violations
+from tests.support.workers import RowLock, rows, scalar, wait_until
 
-from tests.helpers import invariant_violations
-from tests.worker_support import RowLock, rows, scalar, wait_until
-
-pytest_plugins = ["tests.worker_support"]
 
 
 def _seconds_until(iso: str) -> float:
@@ -68,7 +64,7 @@ def test_timeout__countdown_task_refunds_once_within_30s_of_expiry(app, api, wor
     assert invariant_violations(app) == []
 
 
-def test_timeout__countdown_and_scan_racing__still_one_refund(app, api, workers, celery_client):
+def test_timeout__countdown_and_scan_racing__still_one_refund(app, api, workers, beat):
     """Force the race: hold the account row at expiry so the countdown task and the scan's
     batch task both block inside the refund, then let them go at once."""
     worker = workers.start()
@@ -76,10 +72,10 @@ def test_timeout__countdown_and_scan_racing__still_one_refund(app, api, workers,
     r = api.purchase("u-race", 275, vid="v-race-1", timeout_seconds=10)
     assert r.status_code == 201, r.get_json()
     expires_at = r.get_json()["verification"]["expires_at"]
-    assert _seconds_until(expires_at) > 3, "purchase too slow to set the race up"
-
     lock = RowLock(app, "SELECT * FROM accounts WHERE user_id = 'u-race' FOR UPDATE")
     try:
+        # The race is set up only if nothing refunded before the lock was taken.
+        assert scalar(app, "SELECT status FROM verifications WHERE id = 'v-race-1'") == "pending"
         wait_until(lambda: _seconds_until(expires_at) < 0, timeout=30, message="expiry")
 
         def blocked_refunds() -> int:
@@ -91,12 +87,12 @@ def test_timeout__countdown_and_scan_racing__still_one_refund(app, api, workers,
                                "AND (query ILIKE '%UPDATE accounts%' "
                                "OR query ILIKE '%UPDATE verifications%')")
 
-        # The countdown task reaches the lock on its own; then the beat scan's path.
+        # The countdown task reaches the lock on its own; then the path of beat's scan
+        # (every 10 s, beat as scripts/run runs it).
         wait_until(lambda: blocked_refunds() >= 1, timeout=30,
                    message="countdown task blocked in the refund")
-        for _ in range(3):
-            celery_client.send_task("txmon.refunds.scan_expired")
-        wait_until(lambda: blocked_refunds() >= 2, timeout=30,
+        beat.start()
+        wait_until(lambda: blocked_refunds() >= 2, timeout=60,
                    message="scan's expire_batch blocked in the refund too")
         assert _verification(api, "v-race-1")["status"] == "pending"
     finally:

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.ws_support import (Closed, Reader, check_contiguous, check_update, compress, has_seq,
+from tests.support.stack import (Closed, Reader, check_contiguous, check_update, compress, has_seq,
                               notifications, running_stack, seqs, summarize, uid, updates,
                               wait_until)
 
@@ -52,7 +52,7 @@ def test_query_token__snapshot_then_replay_then_live_in_seq_order(stack, sockets
 
     live_tx = [stack.purchase(user, cost)["transaction"] for cost in (201, 202, 203)]  # 5..7
     live = ws.collect(lambda got: has_seq(7)(got) and len(notifications(got)) >= 3, timeout=15)
-    live += ws.drain(quiet=1.0)  # nothing more may come: no duplicate, no stray message
+    live += stack.rest(ws, user)  # nothing more may come: no duplicate, no stray message
 
     for message in updates(live):
         check_update(message, user)
@@ -73,7 +73,7 @@ def test_without_since_seq__snapshot_then_only_new_updates(stack, sockets):
     ws = sockets.balance(token=stack.token(user))
     assert ws.recv() == {"type": "snapshot", "balance_cents": 9_950, "seq": 2}
     stack.purchase(user, 70)
-    got = ws.collect(has_seq(3), timeout=15) + ws.drain(quiet=0.7)
+    got = ws.collect(has_seq(3), timeout=15) + stack.rest(ws, user)
     assert seqs(got) == [3], summarize(got)
     check_update(updates(got)[0], user)
     assert updates(got)[0]["balance_cents"] == 9_880
@@ -87,7 +87,7 @@ def test_since_seq_at_or_past_head__no_replay(stack, sockets):
     for since in (2, 99):
         ws = sockets.balance(token=stack.token(user), since=since)
         assert ws.recv() == {"type": "snapshot", "balance_cents": 9_950, "seq": 2}
-        assert ws.drain(quiet=0.5) == []
+        assert stack.rest(ws, user) == []
 
 
 def test_auth_message__snapshot_replay_and_live_like_query_token(stack, sockets):
@@ -99,7 +99,7 @@ def test_auth_message__snapshot_replay_and_live_like_query_token(stack, sockets)
     assert ws.recv() == {"type": "snapshot", "balance_cents": 4_990, "seq": 2}
     got = ws.collect(has_seq(2), timeout=10)
     stack.purchase(user, 20)
-    got += ws.collect(has_seq(3), timeout=15) + ws.drain(quiet=0.7)
+    got += ws.collect(has_seq(3), timeout=15) + stack.rest(ws, user)
     check_contiguous(got, 1, 3)
     for message in updates(got):
         check_update(message, user)
@@ -149,7 +149,7 @@ def test_client_gone__server_frees_the_socket(stack, sockets):
     polite.close()
     vanishing.ws.sock.close()  # no close frame
     wait_until(lambda: stack.metric("websocket_connections") == base + 1, 10, interval=0.2,
-               what="the two departed sockets freed")
+               message="the two departed sockets freed")
     stack.purchase(user, 10)
     assert seqs(staying.collect(has_seq(2), timeout=15)) == [2]
 
@@ -163,12 +163,12 @@ def test_push_preference_off__balance_update_without_notification(stack, sockets
     stack.purchase(user, 10)
     got = ws.collect(has_seq(2), timeout=15)
     stack.quiesce()
-    got += ws.drain(quiet=1.0)
+    got += stack.rest(ws, user)
     assert [m["type"] for m in got] == ["balance_update"], summarize(got)
 
     credit = stack.credit(user, 500)["transaction"]
     got = ws.collect(lambda g: has_seq(3)(g) and notifications(g), timeout=15)
-    got += ws.drain(quiet=0.7)
+    got += stack.rest(ws, user)
     assert [n["transaction_id"] for n in notifications(got)] == [credit["id"]]
     assert notifications(got)[0]["type"] == "credit_added"
 
@@ -192,7 +192,7 @@ def test_privacy__a_user_never_receives_another_users_messages(stack, sockets):
             tx_ids[user].add(stack.purchase(user, 10 + i)["transaction"]["id"])
     for key, (user, reader) in readers.items():
         got = reader.result()
-        got += reader.client.drain(quiet=0.7)
+        got += stack.rest(reader.client, user)
         assert reader.closed is None, f"{key} closed: {reader.closed}"
         assert got[0]["type"] == "snapshot"
         for message in updates(got):
@@ -248,7 +248,7 @@ def test_updates_racing_the_replay__every_seq_exactly_once(stack, sockets):
         assert snapshot["type"] == "snapshot", summarize(got)
         assert since < snapshot["seq"] < final_seq or at >= purchases, (
             f"client connected after {at} purchases was not mid-stream: {snapshot}")
-        got += reader.client.drain(quiet=0.7)
+        got += stack.rest(reader.client, user)
         assert seqs(got) == list(range(since + 1, final_seq + 1)), (
             f"client since={since} (connected after {at} purchases, snapshot seq "
             f"{snapshot['seq']}) got seqs {compress(seqs(got))}")

@@ -1,10 +1,9 @@
 """Fixtures and helpers for the worker tests: a real Redis, a real SMTP server, real workers.
 
-Register in a test module with ``pytest_plugins = ["tests.worker_support"]``.
+tests/conftest.py loads these fixtures for every module.
 
-- ``redis_server`` (session): a dedicated ``redis-server`` on a free loopback port with an
-  append-only file (fsync always), so a test can stop it and start it again without losing
-  what it held - the way a production Redis with persistence behaves.
+- ``redis_server`` (session): a dedicated ``redis-server`` on a free loopback port that keeps
+  nothing on disk: stopping it loses every queued message, as a real broker outage does.
 - ``smtp`` (per test): an aiosmtpd server on a free loopback port that records every message
   (``SmtpSink``); it can be stopped and started, hold a DATA command open (to kill a worker
   mid-send) or refuse recipients.
@@ -17,7 +16,7 @@ Register in a test module with ``pytest_plugins = ["tests.worker_support"]``.
 Everything waits with ``wait_until`` (bounded polling); no assertion depends on how fast
 something happened.
 
-The module also serves ``celery -A tests.worker_support:celery_for_tests``: the project's
+The module also serves ``celery -A tests.support.workers:celery_for_tests``: the project's
 Celery app with the overrides the application itself does not read from the environment
 (``TXMON_TEST_VISIBILITY_TIMEOUT_S``: see test_worker_outbox.py).
 """
@@ -28,9 +27,7 @@ import email
 import email.policy
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -41,53 +38,13 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-CELERY_BIN = ROOT / ".venv" / "bin" / "celery"
-FLASK_BIN = ROOT / ".venv" / "bin" / "flask"
+from tests.support.common import (BIN, ROOT, Process, RedisServer, app_env, child_pids,
+                                  die_with_parent, free_port, wait_until)
+
+CELERY_BIN = BIN / "celery"
+FLASK_BIN = BIN / "flask"
 WALLET_BASE = "https://wallet.txmon.test"
 ADMIN_EMAIL = "ops@txmon.test"
-
-
-# -- polling -------------------------------------------------------------------------------
-
-def wait_until(predicate, *, timeout: float = 30.0, interval: float = 0.1, message=""):
-    """Poll ``predicate`` until it returns something truthy; return that. Fail after ``timeout``.
-
-    ``timeout`` bounds the wait only; no test asserts on how long it took. ``message`` may be
-    a callable, evaluated on failure (to show the state at that moment).
-    """
-    deadline = time.monotonic() + timeout
-    last_exc = None
-    while True:
-        try:
-            value = predicate()
-        except Exception as exc:  # a transient error while polling is not an answer
-            value, last_exc = None, exc
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            detail = f" (last error: {last_exc!r})" if last_exc else ""
-            if callable(message):
-                message = message()
-            pytest.fail(f"gave up after {timeout:.0f}s waiting for: "
-                        f"{message or getattr(predicate, '__name__', predicate)}{detail}")
-        time.sleep(interval)
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGKILL if the test process dies without tearing down."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- database helpers ----------------------------------------------------------------------
@@ -155,18 +112,6 @@ def email_statuses(app, user_id: str | None = None) -> dict[int, str]:
 
 # -- processes and sockets under /proc -----------------------------------------------------
 
-def child_pids(pid: int) -> list[int]:
-    """Direct children of ``pid`` (the prefork pool's ForkPoolWorker processes)."""
-    found = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                found += [int(p) for p in f.read().split()]
-    except FileNotFoundError:
-        pass
-    return sorted(set(found))
-
-
 def _socket_inodes_with_local_port(port: int) -> set[str]:
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
@@ -202,73 +147,8 @@ def pid_owning_local_port(port: int, candidates: list[int]) -> int | None:
 
 # -- Redis ---------------------------------------------------------------------------------
 
-class RedisServer:
-    """A private redis-server with an fsync-always append-only file; stoppable, restartable."""
-
-    def __init__(self, workdir: Path):
-        self.dir = workdir
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    def url(self, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
-
-    def client(self):
-        import redis
-
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2,
-                           socket_connect_timeout=1)
-
-    def ping(self) -> bool:
-        try:
-            return bool(self.client().ping())
-        except Exception:
-            return False
-
-    def unacked(self) -> list[tuple[str, dict]]:
-        """(task name, kwargs) of every message kombu holds in its ``unacked`` hash: taken
-        by a worker and not acknowledged; Redis hands them out again only after the
-        visibility timeout."""
-        import base64
-        import json
-
-        found = []
-        for raw in self.client().hvals("unacked"):
-            message = json.loads(raw)[0]
-            body = message["body"]
-            if message.get("properties", {}).get("body_encoding") == "base64":
-                body = base64.b64decode(body)
-            args = json.loads(body)
-            found.append((message["headers"]["task"], args[1] if len(args) > 1 else {}))
-        return found
-
-    def start(self) -> None:
-        assert self.proc is None or self.proc.poll() is not None
-        self.proc = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
-             "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "always",
-             "--save", "", "--logfile", str(self.dir / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            preexec_fn=_die_with_parent)
-        wait_until(self.ping, timeout=20, message=f"redis-server on :{self.port}")
-
-    def stop(self) -> None:
-        """Stop Redis the way an operator does (SIGTERM: it flushes the AOF and exits)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=20)
-        wait_until(lambda: not self.ping(), timeout=10, message="redis to stop answering")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=20)
-
-
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
     yield server
@@ -418,7 +298,7 @@ class Worker:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True,
-                                     preexec_fn=_die_with_parent)
+                                     preexec_fn=die_with_parent)
         wait_until(lambda: self.proc.poll() is not None or (
             " ready." in self.log() and "Outbox relay started" in self.log()
             and len(self.children()) >= self.concurrency),
@@ -464,6 +344,7 @@ class Worker:
         return self.metrics().get((name, tuple(sorted(labels.items()))))
 
     def kill(self) -> None:
+        """The whole worker host dies: SIGKILL to the main process and every pool child."""
         if self.proc is None:
             return
         try:
@@ -480,28 +361,9 @@ class Worker:
 def worker_env(app, database_url: str, redis_url: str, smtp_url: str | None, tmp: Path,
                **overrides) -> dict:
     """The environment of a worker subprocess: the test database, Redis, SMTP and secrets."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("TXMON_", "PROMETHEUS_", "CELERY_"))
-           and k not in ("DATABASE_URL", "REDIS_URL", "SMTP_URL")}
-    prom = tmp / f"prom-{uuid.uuid4().hex[:6]}"
-    prom.mkdir()
-    env.update({
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "TXMON_SERVICE_KEYS": ",".join(app.config["SERVICE_KEYS"]),
-        "TXMON_JWT_SECRET": app.config["JWT_SECRET"],
-        "TXMON_WORKER_METRICS_PORT": str(free_port()),
-        "PROMETHEUS_MULTIPROC_DIR": str(prom),
-        "TXMON_RATELIMIT_STORAGE": "memory://",
-        "TXMON_MAIL_DIR": str(tmp / "mail"),
-        "TXMON_PUBLIC_URL": WALLET_BASE,
-        "TXMON_ADMIN_EMAIL": ADMIN_EMAIL,
-        "TXMON_ALERT_LARGE_DEBIT_CENTS": str(app.config["ALERT_LARGE_DEBIT_CENTS"]),
-        "TXMON_ALERT_RAPID_COUNT": str(app.config["ALERT_RAPID_COUNT"]),
-        "TXMON_ALERT_RAPID_WINDOW_S": str(app.config["ALERT_RAPID_WINDOW_S"]),
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": str(ROOT),
-    })
+    env = app_env(app, database_url, redis_url, tmp,
+                  TXMON_WORKER_METRICS_PORT=free_port(), TXMON_PUBLIC_URL=WALLET_BASE,
+                  TXMON_ADMIN_EMAIL=ADMIN_EMAIL, TXMON_RATELIMIT_STORAGE=redis_url)
     if smtp_url:
         env["SMTP_URL"] = smtp_url
     env.update({k: str(v) for k, v in overrides.items()})
@@ -543,6 +405,59 @@ def workers(app, database_url, redis_server, tmp_path):
         redis_server.client().flushall()
 
 
+@pytest.fixture
+def beat(app, database_url, redis_server, tmp_path):
+    """Factory: ``beat.start() -> Process``: ``celery beat`` as scripts/run runs it (the
+    project's schedule: outbox sweep, expiry scan, reconciliation), on the test Redis."""
+    started: list[Process] = []
+
+    class Factory:
+        def start(self, **overrides) -> Process:
+            env = worker_env(app, database_url, redis_server.url(), None, tmp_path, **overrides)
+            n = len(started)
+            proc = Process(f"beat-{n}", [
+                str(CELERY_BIN), "-A", "worker_service.celery_app", "beat", "--loglevel=INFO",
+                "--schedule", str(tmp_path / f"celerybeat-schedule-{n}")], env, tmp_path)
+            started.append(proc)
+
+            def up():
+                assert proc.alive(), f"celery beat exited:\n{proc.tail()}"
+                return "beat: Starting..." in proc.output()
+
+            wait_until(up, 60, message=lambda: f"celery beat started:\n{proc.tail()}")
+            return proc
+
+    yield Factory()
+    for proc in started:
+        proc.stop(grace=5)
+
+
+def wait_idle(app, redis_server, *, timeout: float = 60.0, dead: set[str] = frozenset()) -> None:
+    """Wait until the system is provably idle: no due outbox row undispatched, nothing in a
+    Celery queue, and no task taken by a worker and not yet acknowledged (acks_late: a task
+    running or reserved stays in kombu's ``unacked`` hash) other than countdown tasks still
+    waiting for their ETA, and ``dead``: task ids a killed worker host held (they stay in
+    the hash until the visibility timeout). Counting after this proves "no duplicate"
+    without a quiet window."""
+    import json
+
+    from worker_service.celery_app import celery_config
+
+    queues = {q.name for q in celery_config({"REDIS_URL": redis_server.url()})["task_queues"]}
+
+    def idle():
+        if scalar(app, "SELECT count(*) FROM outbox WHERE dispatched_at IS NULL "
+                       "AND available_at <= now()"):
+            return False
+        with redis_server.client() as r:
+            if any(r.llen(q) for q in queues):
+                return False
+            held = [json.loads(raw)[0].get("headers", {}) for raw in r.hvals("unacked")]
+        return not [h for h in held if not h.get("eta") and h.get("id") not in dead]
+
+    wait_until(idle, timeout, message="outbox dispatched, queues empty, nothing unacknowledged")
+
+
 def wait_quiet(app, worker: Worker, *, timeout: float = 60.0) -> None:
     """Wait until the outbox is dispatched and no notification email is still pending."""
     wait_until(lambda: outbox_pending(app) == 0, timeout=timeout,
@@ -553,7 +468,7 @@ def wait_quiet(app, worker: Worker, *, timeout: float = 60.0) -> None:
                                f"{worker.log()[-2000:]}")
 
 
-# -- `celery -A tests.worker_support:celery_for_tests` -----------------------------------
+# -- `celery -A tests.support.workers:celery_for_tests` -----------------------------------
 
 def _celery_for_tests():
     """The project's Celery app plus overrides the app does not take from the environment.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import struct
 import subprocess
@@ -27,115 +26,11 @@ import redis
 import requests
 import websocket
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = ROOT / ".venv" / "bin"
+from tests.support.common import BIN, Process, RedisServer, app_env, free_port, wait_until
+
+MARKER = "txmon-test-marker"  # key of Stack.rest's marker notifications
 CELERY_QUEUES = ("default", "outbox", "push", "email", "refunds", "alerts",
                  "reconcile", "realtime")
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
-    """Poll ``predicate`` until it returns something truthy; AssertionError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-class Process:
-    """A child in its own process group, output to files; stop() kills the whole group."""
-
-    def __init__(self, name: str, argv: list[str], env: dict, logdir: Path):
-        self.name = name
-        self.stdout_path = logdir / f"{name}.stdout.log"
-        self.stderr_path = logdir / f"{name}.stderr.log"
-        self._out = open(self.stdout_path, "ab")
-        self._err = open(self.stderr_path, "ab")
-        self.popen = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=self._out,
-                                      stderr=self._err, stdin=subprocess.DEVNULL,
-                                      start_new_session=True)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def output(self) -> str:
-        """Everything the process wrote so far (stdout then stderr)."""
-        self._out.flush()
-        self._err.flush()
-        return (self.stdout_path.read_text(errors="replace")
-                + self.stderr_path.read_text(errors="replace"))
-
-    def tail(self, n: int = 60) -> str:
-        return "\n".join(self.output().splitlines()[-n:])
-
-    def stop(self, sig=signal.SIGTERM, grace: float = 8.0) -> None:
-        """Signal the process group, wait ``grace`` seconds, then SIGKILL what is left."""
-        if self.alive():
-            try:
-                os.killpg(self.popen.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                self.popen.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.popen.pid, signal.SIGKILL)  # stragglers (forked children) too
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.popen.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
-        self._out.close()
-        self._err.close()
-
-
-class RedisServer:
-    """A throwaway redis-server on a free port (no persistence), restartable on that port."""
-
-    def __init__(self, logdir: Path):
-        self.logdir, self.port, self.proc = logdir, free_port(), None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.starts = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        self.proc = Process(f"redis-{self.starts}", [
-            "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", str(self.logdir), "--loglevel", "warning"],
-            dict(os.environ), self.logdir)
-        wait_until(self._pong, 10, what=f"redis-server on :{self.port}")
-
-    def _pong(self) -> bool:
-        if not self.proc.alive():
-            raise AssertionError(f"redis-server exited:\n{self.proc.tail()}")
-        try:
-            return redis.Redis.from_url(self.url, socket_timeout=0.5).ping()
-        except redis.RedisError:
-            return False
-
-    def kill(self) -> None:
-        """Crash it (SIGKILL): every client connection drops at once."""
-        if self.proc is not None:
-            self.proc.stop(sig=signal.SIGKILL, grace=5)
-
-    def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=2)
 
 
 class Stack:
@@ -152,18 +47,11 @@ class Stack:
         self.access_log = tmpdir / "access.log"
         self.api_proc: Process | None = None
         self.worker_proc: Process | None = None
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("PROMETHEUS_", "CELERY_", "TXMON_", "GUNICORN"))}
-        self.env.update({
-            "PORT": str(self.port), "TXMON_BIND": "127.0.0.1",
-            "TXMON_WORKER_CLASS": "gevent", "TXMON_WEB_WORKERS": str(web_workers),
-            "DATABASE_URL": database_url, "REDIS_URL": self.redis.url,
-            "TXMON_SERVICE_KEYS": ",".join(app.config["SERVICE_KEYS"]),
-            "TXMON_JWT_SECRET": app.config["JWT_SECRET"],
-            "TXMON_ACCESS_LOG": str(self.access_log), "TXMON_WORKER_METRICS_PORT": "0",
-            "TXMON_MAIL_DIR": str(tmpdir / "mail"), "TXMON_DB_POOL_SIZE": "5",
-            "TXMON_PUBLIC_URL": self.base, "PYTHONUNBUFFERED": "1",
-        })
+        self.env = app_env(app, database_url, self.redis.url(), tmpdir,
+                           PORT=self.port, TXMON_BIND="127.0.0.1", TXMON_WORKER_CLASS="gevent",
+                           TXMON_WEB_WORKERS=web_workers, TXMON_ACCESS_LOG=self.access_log,
+                           TXMON_WORKER_METRICS_PORT=0, TXMON_DB_POOL_SIZE=5,
+                           TXMON_PUBLIC_URL=self.base)
         self.env.update(env or {})
         self._local = threading.local()
         self.tokens: list[str] = []  # every token handed out, for the never-logged check
@@ -211,10 +99,10 @@ class Stack:
         self.api_proc = Process("gunicorn", [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py",
                                              "--no-control-socket", "api_service.wsgi:app"],
                                 env, self.tmpdir)
-        wait_until(self._api_ready, 30, interval=0.1, what="gunicorn /healthz")
+        wait_until(self._api_ready, 30, interval=0.1, message="gunicorn /healthz")
         # Every worker must have booted (workers import the app after the master binds).
         wait_until(lambda: len(self.api_worker_pids()) == self.web_workers, 15,
-                   what=f"{self.web_workers} gunicorn workers")
+                   message=f"{self.web_workers} gunicorn workers")
 
     def _api_ready(self) -> bool:
         if not self.api_proc.alive():
@@ -248,7 +136,7 @@ class Stack:
                 raise AssertionError(f"celery worker exited:\n{self.worker_proc.tail()}")
             out = self.worker_proc.output()
             return " ready." in out and "Outbox relay started" in out
-        wait_until(ready, 45, interval=0.1, what="celery worker ready")
+        wait_until(ready, 45, interval=0.1, message="celery worker ready")
 
     def stop(self) -> None:
         for proc in (self.api_proc, self.worker_proc, self.redis.proc):
@@ -362,9 +250,37 @@ class Stack:
             return True
 
         try:
-            wait_until(idle, timeout, interval=0.1, what="outbox and Celery queues to drain")
+            wait_until(idle, timeout, interval=0.1, message="outbox and Celery queues to drain")
         finally:
             r.close()
+
+
+    def rest(self, client: "Client", user_id: str | None = None) -> list[dict]:
+        """Every message still on its way to ``client`` (a user's socket, or the admin feed
+        when ``user_id`` is None), with no quiet window: once the system is idle (outbox
+        dispatched, no task queued or unacknowledged), a marker published now on the
+        client's channel reaches it after everything published before it, since Redis and
+        the hub keep each channel's order. Clients never return markers (``Client.recv``)."""
+        from shared.realtime import ADMIN_CHANNEL, user_channel
+
+        self.quiesce()
+        marker = uuid.uuid4().hex
+        r = self.redis.client()
+        try:
+            r.publish(user_channel(user_id) if user_id else ADMIN_CHANNEL,
+                      json.dumps({"type": "notification", "notification": {MARKER: marker}}))
+        finally:
+            r.close()
+        got: list[dict] = []
+        deadline = time.monotonic() + 30
+        while marker not in client.markers:
+            assert time.monotonic() < deadline, (
+                f"marker not relayed within 30 s; got {summarize(got)}")
+            try:
+                got.append(client.recv(1))
+            except TimeoutError:
+                continue
+        return got
 
 
 @contextmanager
@@ -397,6 +313,7 @@ class Client:
         self.url = url
         self.ws = websocket.create_connection(url, timeout=timeout, sockopt=sockopt)
         self.closed: Closed | None = None
+        self.markers: set[str] = set()  # Stack.rest's markers seen (never returned)
 
     def send(self, text: str) -> None:
         self.ws.send(text)
@@ -424,8 +341,13 @@ class Client:
         return data.decode() if isinstance(data, bytes) else data
 
     def recv(self, timeout: float = 10) -> dict:
-        """The next message, decoded as JSON."""
-        return json.loads(self.recv_raw(timeout))
+        """The next message, decoded as JSON (Stack.rest's markers are noted and skipped)."""
+        while True:
+            message = json.loads(self.recv_raw(timeout))
+            marker = (message.get("notification") or {}).get(MARKER)
+            if marker is None:
+                return message
+            self.markers.add(marker)
 
     def expect_close(self, timeout: float = 10) -> Closed:
         """Read until the server closes; returns the Closed (fails if it does not)."""
