@@ -2,9 +2,13 @@
 
 Every value can be overridden with GUNICORN_* style env vars below.
 """
+import logging
 import os
+import re
 import shutil
 import tempfile
+
+from gunicorn.glogging import Logger
 
 bind = f"{os.environ.get('TXMON_BIND', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 # One process per CPU: measured best for gevent (scripts/bench_write --sweep: 4 processes on
@@ -31,6 +35,39 @@ reuse_port = True
 access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms'
 accesslog = os.environ.get("TXMON_ACCESS_LOG", "-")
 errorlog = "-"
+
+# gunicorn's own error path logs the whole request line or URI (a websocket's ?token=).
+_SECRETS = re.compile(r"(?i)([?&](?:token|access_token|api_key|apikey|key)=)[^&\s'\"]*"
+                      r"|(bearer\s+)\S+|eyJ[\w-]+\.[\w-]+\.[\w-]*")
+
+
+def redact(text: str) -> str:
+    """``text`` with query-string credentials, bearer tokens and JWTs replaced."""
+    return _SECRETS.sub(lambda m: (m.group(1) or m.group(2) or "") + "[redacted]", text)
+
+
+class _Redact(logging.Filter):
+    def filter(self, record):
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        return True
+
+
+class RedactingLogger(Logger):
+    """gunicorn's logger with credentials taken out of every error and access line."""
+
+    def setup(self, cfg):
+        super().setup(cfg)
+        for log in (self.error_log, self.access_log):
+            if not any(isinstance(f, _Redact) for f in log.filters):
+                log.addFilter(_Redact())
+
+
+logger_class = RedactingLogger
 
 
 def on_starting(server):
@@ -92,10 +129,22 @@ def post_worker_init(worker):
     """The app is loaded: move every object alive now (modules, the app, SQLAlchemy's
     metadata) out of the garbage collector's reach (``gc.freeze``). A full collection walked
     all of them with the event loop stopped, 85-205 ms during which no socket of the
-    process moved (measured with a gc callback under scripts/bench_ws); after, 4-23 ms."""
+    process moved (measured with a gc callback under scripts/bench_ws); after, 4-23 ms.
+    Then the realtime hub subscribes, before the first socket: a socket that connected
+    first was resynced (a second snapshot) when the subscription came up."""
     import gc
 
     gc.freeze()
+    from api_service.hub import hub_for
+
+    hub_for(worker.wsgi.config["REDIS_URL"]).start(wait=2.0)
+
+
+def post_request(worker, req, environ, resp):
+    """A request whose body the app refused unread (api_service/admission.py) closes its
+    connection: gunicorn would otherwise read the rest of the body to find the next one."""
+    if environ.get("txmon.close_connection"):
+        req.must_close = True
 
 
 def worker_exit(server, worker):

@@ -59,10 +59,10 @@ def create_app(test_config: dict | None = None) -> Flask:
     metrics.init_app(app)
     realtime_ws.sock.init_app(app)
     _register_cli(app)
-    if app.config["HTTP_CONCURRENCY"] > 0:
-        from api_service.admission import Admission
+    from api_service.admission import Admission
 
-        app.wsgi_app = Admission(app.wsgi_app, app.config["HTTP_CONCURRENCY"])
+    app.wsgi_app = Admission(app.wsgi_app, app.config["HTTP_CONCURRENCY"],
+                             service_keys=app.config["SERVICE_KEYS"])
     return app
 
 

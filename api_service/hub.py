@@ -66,13 +66,23 @@ class Hub:
         self.connected = threading.Event()
         self.subscriptions = 0  # how many times the subscription was (re)established
 
-    def add(self, sub: Subscriber) -> None:
-        """Register a subscriber (starts the subscription on first use)."""
+    def start(self, wait: float = 0.0) -> bool:
+        """Start the subscription (once); wait up to ``wait`` s for it; True once it is live.
+
+        gunicorn.conf.py calls it as a worker starts, so a socket that connects later syncs
+        under a live subscription and gets one snapshot.
+        """
         with self.lock:
-            (self.admins if sub.admin else self.users[sub.user_id]).add(sub)
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="txmon-hub", daemon=True)
                 self.thread.start()
+        return self.connected.wait(wait) if wait else self.connected.is_set()
+
+    def add(self, sub: Subscriber) -> None:
+        """Register a subscriber (and start the subscription if nothing has yet)."""
+        with self.lock:
+            (self.admins if sub.admin else self.users[sub.user_id]).add(sub)
+        self.start()
 
     def remove(self, sub: Subscriber) -> None:
         """Forget a subscriber."""

@@ -1,6 +1,9 @@
 """Operations: liveness, readiness and the OpenAPI document."""
 from __future__ import annotations
 
+import threading
+import time
+
 from flask import Blueprint, current_app, jsonify
 from sqlalchemy import text
 
@@ -23,6 +26,32 @@ def healthz():
 @operation("The database and Redis answer", auth_as=None, tags=TAGS,
            responses={200: s.StatusOut, 503: s.StatusOut})
 def readyz():
+    readiness = current_app.extensions.get("txmon_readiness")
+    if readiness is None:
+        readiness = current_app.extensions.setdefault("txmon_readiness", Readiness())
+    body, status = readiness.result()
+    return jsonify(body), status
+
+
+class Readiness:
+    """The last readiness check, reused for up to ``max_age`` seconds: a probe (or anyone)
+    calling /readyz in a loop costs one database connection and one Redis ping a second."""
+
+    def __init__(self, max_age: float = 1.0, clock=time.monotonic):
+        self.max_age, self.clock = max_age, clock
+        self.lock = threading.Lock()  # concurrent callers wait for one check, not run N
+        self.checked_at: float | None = None
+        self.last: tuple[dict, int] | None = None
+
+    def result(self) -> tuple[dict, int]:
+        with self.lock:
+            now = self.clock()
+            if self.checked_at is None or now - self.checked_at >= self.max_age:
+                self.last, self.checked_at = _check(), now
+            return self.last
+
+
+def _check() -> tuple[dict, int]:
     checks = {}
     try:
         with db.engine.connect() as conn:
@@ -36,8 +65,8 @@ def readyz():
     except Exception as exc:
         checks["redis"] = f"error: {type(exc).__name__}"
     ready = all(v == "ok" for v in checks.values())
-    return jsonify({"status": "ready" if ready else "unavailable", "checks": checks}), (
-        200 if ready else 503)
+    return ({"status": "ready" if ready else "unavailable", "checks": checks},
+            200 if ready else 503)
 
 
 @bp.get("/openapi.json")

@@ -97,6 +97,10 @@ def run_migrations_online():
     connectable = get_engine()
 
     with connectable.connect() as connection:
+        if connection.dialect.name == "postgresql":
+            # The API's statement_timeout (shared/config.py) is for requests, not migrations.
+            connection.exec_driver_sql("SET statement_timeout = 0")
+            connection.commit()  # the setting stays for the session; alembic begins anew
         context.configure(
             connection=connection,
             target_metadata=get_metadata(),

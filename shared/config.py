@@ -1,6 +1,7 @@
 """Configuration read from the environment (see DESIGN.md, "Configuration")."""
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 from pathlib import Path
@@ -34,6 +35,21 @@ def _int_env(name: str, default: int) -> int:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
 
 
+# Loopback and private ranges: a scraper on the host or the deployment's own network.
+DEFAULT_METRICS_ALLOW = ("127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,"
+                         "fc00::/7")
+
+
+def _networks_env(name: str, default: str) -> tuple:
+    raw = os.environ.get(name) or default
+    try:
+        return tuple(ipaddress.ip_network(part.strip(), strict=False)
+                     for part in raw.split(",") if part.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a comma-separated list of networks (CIDR), "
+                          f"got {raw!r}") from exc
+
+
 class Config:
     """Settings for a running service; every value comes from the environment."""
 
@@ -64,7 +80,11 @@ class Config:
         self.RATELIMIT_STORAGE_URI = env.get("TXMON_RATELIMIT_STORAGE", self.REDIS_URL)
         self.RATELIMIT_IN_MEMORY_FALLBACK_ENABLED = True
         self.RATELIMIT_HEADERS_ENABLED = True
-        self.SQLALCHEMY_ENGINE_OPTIONS = engine_options(self.SQLALCHEMY_DATABASE_URI)
+        # The API's statements are cancelled past this (a request then gets 503); 0: never.
+        self.DB_STATEMENT_TIMEOUT_MS = _int_env("TXMON_DB_STATEMENT_TIMEOUT_MS", 5000)
+        self.SQLALCHEMY_ENGINE_OPTIONS = engine_options(
+            self.SQLALCHEMY_DATABASE_URI, statement_timeout_ms=self.DB_STATEMENT_TIMEOUT_MS)
+        self.METRICS_ALLOW = _networks_env("TXMON_METRICS_ALLOW", DEFAULT_METRICS_ALLOW)
         keys = env.get("TXMON_SERVICE_KEYS", "")
         self.SERVICE_KEYS = [k.strip() for k in keys.split(",") if k.strip()]
         self.JWT_SECRET = env.get("TXMON_JWT_SECRET", "")
@@ -92,7 +112,8 @@ class Config:
         return {k: v for k, v in vars(self).items() if k.isupper()}
 
 
-def engine_options(url: str, *, custom_plans: bool = False) -> dict:
+def engine_options(url: str, *, custom_plans: bool = False,
+                   statement_timeout_ms: int = 0) -> dict:
     """Pool settings per database: a real pool on Postgres, a long busy wait on SQLite.
 
     ``custom_plans`` (the worker's engine): Postgres plans every statement from the tables
@@ -104,7 +125,8 @@ def engine_options(url: str, *, custom_plans: bool = False) -> dict:
     0.15 ms planned from the table's current size). Not for the API: its hot path
     is sent as text (planned per run anyway) and reads no queue table, while the
     foreign-key checks of the ledger's INSERTs are cached plans that it would plan anew on
-    every purchase.
+    every purchase. ``statement_timeout_ms`` (the API's): Postgres cancels a statement
+    that runs, or waits for a lock, longer than that.
     """
     if url.startswith("sqlite"):
         return {"connect_args": {"timeout": 30, "check_same_thread": False}}
@@ -113,8 +135,13 @@ def engine_options(url: str, *, custom_plans: bool = False) -> dict:
     options = {"pool_size": _int_env("TXMON_DB_POOL_SIZE", 8),
                "max_overflow": _int_env("TXMON_DB_MAX_OVERFLOW", 4), "pool_timeout": 20,
                "pool_pre_ping": False, "pool_recycle": 1800}
+    settings = []
     if custom_plans:
-        options["connect_args"] = {"options": "-c plan_cache_mode=force_custom_plan"}
+        settings.append("-c plan_cache_mode=force_custom_plan")
+    if statement_timeout_ms > 0:
+        settings.append(f"-c statement_timeout={statement_timeout_ms}")
+    if settings:
+        options["connect_args"] = {"options": " ".join(settings)}
     return options
 
 
@@ -128,7 +155,8 @@ class TestConfig(Config):
         self.TESTING = True
         if database_url:
             self.SQLALCHEMY_DATABASE_URI = normalize_database_url(database_url)
-            self.SQLALCHEMY_ENGINE_OPTIONS = engine_options(self.SQLALCHEMY_DATABASE_URI)
+            self.SQLALCHEMY_ENGINE_OPTIONS = engine_options(
+                self.SQLALCHEMY_DATABASE_URI, statement_timeout_ms=self.DB_STATEMENT_TIMEOUT_MS)
         if redis_url:
             self.REDIS_URL = self.RATELIMIT_STORAGE_URI = redis_url
         # Admission control on, its limit above the in-process concurrency tests' thread

@@ -268,6 +268,7 @@ def test_readyz__200_when_database_and_redis_answer(client):
 
 def test_readyz__503_when_redis_is_unreachable(client, app, monkeypatch):
     monkeypatch.setitem(app.config, "REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.delitem(app.extensions, "txmon_readiness", raising=False)  # no cached check
     r = client.get("/readyz")
     assert r.status_code == 503
     assert r.get_json()["checks"]["database"] == "ok"
