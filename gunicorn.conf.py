@@ -135,9 +135,11 @@ def post_worker_init(worker):
     import gc
 
     gc.freeze()
-    from api_service.hub import hub_for
+    config = getattr(getattr(worker, "wsgi", None), "config", None)
+    if config is not None:  # txmon's Flask app (not a bare WSGI callable)
+        from api_service.hub import hub_for
 
-    hub_for(worker.wsgi.config["REDIS_URL"]).start(wait=2.0)
+        hub_for(config["REDIS_URL"]).start(wait=2.0)
 
 
 def post_request(worker, req, environ, resp):
