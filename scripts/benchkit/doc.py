@@ -87,3 +87,6 @@ def write_section(key: str, title: str, command: str, body: str,
     parts[key] = (f"## {title}\n\nRerun: `{command}`\n<!-- targets: {rows} -->\n\n"
                   f"{body.strip()}\n\n")
     doc.write_text(render(parts))
+
+# Figures of the baseline run on which a target "not below the baseline" is judged.
+BASELINE: dict[str, float] = {}

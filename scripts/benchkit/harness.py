@@ -3,6 +3,7 @@ private redis-server (scripts/run's ephemeral one, on a free port) and an aiosmt
 SMTP_URL; seeding, load generation (wrk, or requests sessions at a fixed rate) and waits."""
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import re
@@ -162,10 +163,26 @@ class Stack:
             for pid in self.pids(name):
                 os.kill(pid, sig)
 
+    @contextlib.contextmanager
+    def paused(self, names: tuple[str, ...] = ("worker", "beat")):
+        """Worker and beat stopped (SIGSTOP) inside the block: the API, or pgbench, alone."""
+        self.signal(names, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.signal(names, signal.SIGCONT)
+
     def sql(self, query: str, *params):
-        with psycopg.connect(self.db_url, autocommit=True) as conn:
+        with psycopg.connect(self.db_url, autocommit=True,
+                             options="-c lock_timeout=30s") as conn:
             cur = conn.execute(query, params or None)
             return cur.fetchall() if cur.description else None
+
+    def settle(self, where: str = "true", *params) -> None:
+        """Mark undone outbox rows done (follow-ups of pgbench's purchases, not worth doing);
+        rows a paused worker holds are skipped."""
+        self.sql("UPDATE outbox SET completed_at = now() WHERE id IN (SELECT id FROM outbox "
+                 f"WHERE completed_at IS NULL AND {where} FOR UPDATE SKIP LOCKED)", *params)
 
     def token(self, user: str, admin: bool = False) -> str:
         now = dt.datetime.now(dt.timezone.utc)

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+_RUNS = itertools.count(1)
 
 
 def _tag(value):
@@ -216,7 +217,7 @@ def capture_main(args) -> None:
                                headers={"X-API-Key": "bench-capture-key"},
                                json={"id": f"capture-{tag}-{n}", "user_id": args.user,
                                      "service_name": "WhatsApp", "country": "US",
-                                     "cost_cents": 1, "timeout_seconds": 300})
+                                     "cost_cents": 1, "timeout_seconds": args.timeout})
         if response.status_code != 201:
             raise SystemExit(f"capture request failed: {response.status_code} "
                              f"{response.get_data(as_text=True)}")
@@ -225,9 +226,9 @@ def capture_main(args) -> None:
                                           "response": response.get_json()}, indent=1))
 
 
-def capture(db_url: str, user: str, out: Path) -> dict:
+def capture(db_url: str, user: str, out: Path, timeout_s: int = 300) -> dict:
     subprocess.run([sys.executable, "-m", "benchkit.pgref", "--db-url", db_url, "--user", user,
-                    "--out", str(out)], check=True, cwd=ROOT,
+                    "--out", str(out), "--timeout", str(timeout_s)], check=True, cwd=ROOT,
                    env=dict(os.environ, PYTHONPATH=f"{ROOT / 'scripts'}:{ROOT}"))
     return json.loads(out.read_text())
 
@@ -317,7 +318,17 @@ class PgbenchScript:
                                                or base.endswith(f"{singular}_{column}")):
                     return self._var(f":{table}_{column}")
             return str(value)
-        if kind in ("str", "json"):
+        if kind == "json" or (kind == "str" and value.startswith("{")):  # ids in a payload
+            text, subs = _quote(value), {re.escape(self.capture["verification_id"]): ":vid"}
+            for table, column, returned in self.returned:
+                if column in RETURNED_IDS:
+                    subs[rf"(?<=: ){returned}(?=[,}}])"] = f":{table}_{column}"
+            for pattern, var in subs.items():
+                text, n = re.subn(pattern, f"' || {var} || '", text)
+                if n and var == ":vid":
+                    self._var(var)
+            return text if text == _quote(value) else f"({text})::json"
+        if kind == "str":
             return _quote(value)
         raise ValueError(f"unexpected parameter {key}={tagged}")
 
@@ -403,10 +414,14 @@ class PgbenchScript:
 
 
 def pgbench(db_url: str, script: Path, *, clients: int = 16, seconds: float = 10,
-            run: int = 1) -> dict:
-    """pgbench -M prepared with ``script``: {"tps", "transactions"}."""
+            transactions: int | None = None) -> dict:
+    """pgbench -M prepared with ``script`` for ``seconds`` (or ``transactions`` in all):
+    {"tps", "transactions", "command"}."""
+    run = next(_RUNS)  # part of each verification id: unique across the runs
+    length = (["-t", str(max(1, transactions // clients))] if transactions
+              else ["-T", f"{seconds:g}"])
     cmd = ["pgbench", "-n", "-M", "prepared", "-f", str(script), "-c", str(clients),
-           "-j", str(min(2, clients)), "-T", f"{seconds:g}", "-D", f"run={run}", db_url]
+           "-j", str(min(2, clients)), *length, "-D", f"run={run}", db_url]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     out = proc.stdout + proc.stderr
     tps = re.search(r"^tps = ([\d.]+) \(without initial connection time\)", out, re.M)
@@ -422,4 +437,29 @@ if __name__ == "__main__":
     parser.add_argument("--db-url", required=True)
     parser.add_argument("--user", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--timeout", type=int, default=300)
     capture_main(parser.parse_args())
+
+
+def script_for(stack, users: list[str], timeout_s: int = 300) -> Path:
+    """Capture one real purchase on ``stack``'s database (as ``users[0]``) and write the
+    pgbench script over all ``users``."""
+    tag = f"{timeout_s}"
+    capture_json = capture(stack.db_url, users[0], stack.tmp / f"capture-{tag}.json", timeout_s)
+    script = stack.tmp / f"purchase-{tag}.sql"
+    PgbenchScript(capture_json).write(script, int(users[0]), int(users[-1]))
+    return script
+
+
+def reference(stack, script: Path, *, clients: int = 16, seconds: float = 10,
+              transactions: int | None = None, settle: bool = True) -> dict:
+    """pgbench with the worker and beat paused: the database's own rate on the purchase SQL.
+    ``settle``: the follow-ups its purchases wrote are marked done (they reference the
+    captured notification's content, not worth delivering)."""
+    with stack.paused():
+        result = pgbench(stack.db_url, script, clients=clients, seconds=seconds,
+                         transactions=transactions)
+        if settle:
+            stack.settle()
+    return result
+

@@ -88,9 +88,7 @@ def main(args) -> int:
     machine = machine_line()
     with Stack("stack") as stack:
         users = stack.seed(args.accounts)
-        capture = pgref.capture(stack.db_url, users[0], stack.tmp / "capture.json")
-        script = stack.tmp / "purchase.sql"
-        pgref.PgbenchScript(capture).write(script, int(users[0]), int(users[-1]))
+        script = pgref.script_for(stack, users)
         stack.wait(lambda: stack.due() == 0, 120, "the capture's follow-ups")
         sockets = Sockets(stack, users[:args.sockets])
         sat = saturated(stack, args)
@@ -98,8 +96,8 @@ def main(args) -> int:
         runs = [at_rate(stack, args, users, sockets, r) for r in rates]
         sockets.close()
         log("pgbench on the purchase SQL")
-        bench = pgref.pgbench(stack.db_url, script, clients=args.connections,
-                              seconds=args.pgbench_seconds)
+        bench = pgref.reference(stack, script, clients=args.connections,
+                                seconds=args.pgbench_seconds)
     ratio = sat["done_s"] / bench["tps"]
     ref = next((r for r in runs if r["rate"] == 100), runs[len(runs) // 2] if runs else None)
     targets = [doc.Target("stack.done_ratio", f"{sat['done_s']:.0f}/s",
