@@ -119,6 +119,9 @@ class Cpu(threading.Thread):
         self.sample()
         self.seconds = role_seconds(self.first, self.last)
         self.machine = machine(self.stat0, cpu_line())
+        busy_s = self.machine["busy_pct"] * self.machine["cpu_seconds"] / 100
+        self.machine["other_pct"] = max(0.0, 100 * (busy_s - sum(self.seconds.values()))
+                                        / (self.machine["cpu_seconds"] or 1))
         return False
 
     def per(self, count: int) -> dict[str, float]:

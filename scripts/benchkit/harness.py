@@ -333,11 +333,13 @@ def cpu_table(rows: list[tuple[str, dict]], unit: str) -> str:
     """A markdown table of ms of CPU per ``unit`` by role, one row per run."""
     from benchkit.cpu import ROLES
     roles = [r for r in ROLES if any(c.get(r, 0) >= 0.005 for _, c in rows)]
-    out = [f"| run | {' | '.join(roles)} | all roles | machine idle | steal |",
-           "| --- |" + " ---: |" * (len(roles) + 3)]
+    out = [f"| run | {' | '.join(roles)} | all roles | machine idle | steal | other processes |",
+           "| --- |" + " ---: |" * (len(roles) + 4)]
     for name, c in rows:
         cells = [f"{c.get(r, 0):.2f}" for r in roles]
         total = sum(c.get(r, 0) for r in ROLES)
         out.append(f"| {name} | {' | '.join(cells)} | {total:.2f} | {c.get('idle_pct', 0):.0f}% "
-                   f"| {c.get('steal_pct', 0):.0f}% |")
-    return f"CPU per {unit} (ms), by process role, from /proc:\n\n" + "\n".join(out)
+                   f"| {c.get('steal_pct', 0):.0f}% | {c.get('other_pct', 0):.0f}% |")
+    return (f"CPU per {unit} (ms), by process role, from /proc; *other processes* is the "
+            "share of all CPUs used by everything else on the machine (interrupts "
+            "included):\n\n" + "\n".join(out))
