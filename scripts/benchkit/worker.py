@@ -59,8 +59,9 @@ def refunds(stack: Stack, users: list[str], n: int) -> dict:
         t0 = time.monotonic()
         stack.sql("UPDATE verifications SET expires_at = now() - interval '1 second' "
                   f"WHERE {MINE}")
-        stack.sql("UPDATE outbox SET available_at = now() WHERE task = %s AND "
-                  "completed_at IS NULL", outbox.EXPIRE_VERIFICATION)
+        stack.sql("UPDATE outbox SET available_at = now() WHERE task = %s AND completed_at "
+                  "IS NULL AND payload->>'verification_id' ~ '^[0-9]+$'",
+                  outbox.EXPIRE_VERIFICATION)
         stack.wait(lambda: stack.sql(f"SELECT count(*) FROM verifications WHERE {MINE}")[0][0]
                    == 0, 900, "the refunds", every=0.25)
         took = time.monotonic() - t0
