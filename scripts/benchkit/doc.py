@@ -26,7 +26,7 @@ TARGETS = [
      "≤ 50 MB"),
     ("worker.refunds", "worker", "10,000 expired verifications refunded", "≤ 30 s"),
     ("write.ratio", "write", "API alone: purchases/s ÷ pgbench tps of the purchase SQL",
-     "not below the baseline"),
+     "≥ 0.394 (baseline)"),
     ("ws.p99", "ws", "purchase → `balance_update` p99 with many sockets open", "≤ 50 ms"),
     ("read.history_first", "read", "history first page, 1M-row ÷ 500-row user", "≤ 1.5×"),
     ("read.history_cursor", "read", "history cursor page half-way, 1M ÷ 500", "≤ 1.5×"),
@@ -88,5 +88,6 @@ def write_section(key: str, title: str, command: str, body: str,
                   f"{body.strip()}\n\n")
     doc.write_text(render(parts))
 
-# Figures of the baseline run on which a target "not below the baseline" is judged.
-BASELINE: dict[str, float] = {}
+# A target "not below the baseline" is judged on the baseline run's figure
+# (`scripts/bench write` on 2026-12-02, the commit that added this harness).
+BASELINE: dict[str, float] = {"write.ratio": 0.394}
