@@ -31,7 +31,7 @@ def register(subparsers) -> None:
 def follow_ups(stack: Stack, users: list[str], seconds: float) -> dict:
     stack.signal(PAUSED, signal.SIGSTOP)  # resumed below, inside the CPU window
     since = time.time()
-    stack.wrk(users=len(users), seconds=seconds, prefix="fu")
+    stack.wrk(users=len(users), seconds=seconds, prefix="fu", timeout_s=86400)
     n = stack.sql("SELECT count(*) FROM verifications WHERE id LIKE 'fu-%%'")[0][0]
     backlog = stack.due()
     log(f"{n} purchases made with the worker paused; {backlog} follow-ups due; resuming")
