@@ -1,11 +1,11 @@
--- wrk script for scripts/bench_write: POST /api/v1/verifications with a unique id per request.
+-- wrk script for scripts/bench: POST /api/v1/verifications (a purchase), a unique id per request.
 --
 -- Environment (read once per wrk thread):
 --   BENCH_API_KEY    the X-API-Key to send (required)
---   BENCH_USER_LO/HI random user ids in [LO, HI] (numeric user ids, as scripts/bench_write seeds)
---   BENCH_HOT_USER   when set, every request goes to this one user instead
+--   BENCH_USER_LO/HI random user ids in [LO, HI] (numeric, as benchkit.harness seeds them)
+--   BENCH_TIMEOUT_S  the verifications' timeout_seconds
 --   BENCH_ID_PREFIX  prefix of the verification ids (unique per load run)
--- At the end it prints one line "BENCH_RESULT {json}" that scripts/bench_write parses.
+-- At the end it prints one line "BENCH_RESULT {json}" that benchkit.harness parses.
 
 local threads = {}
 local counter = 0
@@ -19,8 +19,7 @@ function init(args)
   key = os.getenv("BENCH_API_KEY")
   lo = tonumber(os.getenv("BENCH_USER_LO") or "1000001")
   hi = tonumber(os.getenv("BENCH_USER_HI") or "1001000")
-  hot = os.getenv("BENCH_HOT_USER")
-  if hot == "" then hot = nil end
+  timeout = os.getenv("BENCH_TIMEOUT_S") or "300"
   prefix = os.getenv("BENCH_ID_PREFIX") or "b"
   math.randomseed(os.time() * 1000 + tid)
   headers = {["Content-Type"] = "application/json", ["X-API-Key"] = key}
@@ -28,10 +27,10 @@ end
 
 function request()
   counter = counter + 1
-  local user = hot or tostring(math.random(lo, hi))
+  local user = tostring(math.random(lo, hi))
   local body = string.format(
     '{"id":"%s-%d-%d","user_id":"%s","service_name":"WhatsApp","country":"US",' ..
-    '"cost_cents":1,"timeout_seconds":300}', prefix, tid, counter, user)
+    '"cost_cents":1,"timeout_seconds":%s}', prefix, tid, counter, user, timeout)
   return wrk.format("POST", "/api/v1/verifications", headers, body)
 end
 
