@@ -11,8 +11,8 @@ import tempfile
 from gunicorn.glogging import Logger
 
 bind = f"{os.environ.get('TXMON_BIND', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
-# One process per CPU: measured best for gevent (scripts/bench_write --sweep: 4 processes on
-# 2 CPUs cost ~15% more CPU per request than 2, and served fewer requests/s).
+# One process per CPU: more gevent processes than CPUs only add CPU per request and serve
+# fewer requests (measured with scripts/bench write).
 workers = int(os.environ.get("TXMON_WEB_WORKERS") or os.cpu_count() or 2)
 # gevent: one process holds thousands of idle websockets; psycopg 3 and redis-py are
 # cooperative once gunicorn's gevent worker has monkey-patched the standard library.
@@ -128,8 +128,8 @@ def post_fork(server, worker):
 def post_worker_init(worker):
     """The app is loaded: move every object alive now (modules, the app, SQLAlchemy's
     metadata) out of the garbage collector's reach (``gc.freeze``). A full collection walked
-    all of them with the event loop stopped, 85-205 ms during which no socket of the
-    process moved (measured with a gc callback under scripts/bench_ws); after, 4-23 ms.
+    all of them with the event loop stopped, a pause during which no socket of the process
+    moved (docs/DECISIONS.md).
     Then the realtime hub subscribes, before the first socket: a socket that connected
     first was resynced (a second snapshot) when the subscription came up."""
     import gc
