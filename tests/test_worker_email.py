@@ -21,8 +21,10 @@ TITLES = {"credit_added": "Credits Added", "credit_deducted": "Credits Used",
 
 
 def _notifications(app, user_id: str) -> list[dict]:
-    return rows(app, "SELECT n.*, t.balance_after_cents FROM notifications n "
-                     "LEFT JOIN transactions t ON t.id = n.transaction_id "
+    return rows(app, "SELECT n.*, t.balance_after_cents, d.status AS email_status"
+                     " FROM notifications n LEFT JOIN transactions t ON t.id = n.transaction_id"
+                     " JOIN notification_deliveries d ON d.notification_id = n.id"
+                     " AND d.channel = 'email' "
                      "WHERE n.user_id = :u ORDER BY n.id", u=user_id)
 
 

@@ -29,23 +29,22 @@ def expire(verification_ids: list[str]) -> dict[str, object]:
     with db.engine.connect() as conn:
         found = {v.id: v for v in conn.execute(select(_v).where(_v.c.id.in_(verification_ids)))}
     now = utcnow()
-    results: dict[str, object] = {}
-    for vid in verification_ids:
-        ver = found.get(vid)
-        if ver is None or ver.status not in ("pending", "timed_out"):
-            results[vid] = "ended"
-            continue
-        try:
-            m = ledger.refund_verification(verification_id=vid, status="timed_out",
-                                           reason="timed out", ver=ver)
-            results[vid] = "refunded" if m.created else "already"
-        except ledger.NotYetExpired as exc:
-            results[vid] = outbox.Postpone(max(1.0, (exc.expires_at - now).total_seconds()))
-        except (InvalidState, NotFound):
-            results[vid] = "ended"
-        except Exception as exc:
-            results[vid] = exc
-    return results
+    return {vid: _refund(found[vid], now)
+            if vid in found and found[vid].status in ("pending", "timed_out") else "ended"
+            for vid in verification_ids}
+
+
+def _refund(ver, now) -> object:
+    try:
+        m = ledger.refund_verification(verification_id=ver.id, status="timed_out",
+                                       reason="timed out", ver=ver)
+        return "refunded" if m.created else "already"
+    except ledger.NotYetExpired as exc:
+        return outbox.Postpone(max(1.0, (exc.expires_at - now).total_seconds()))
+    except (InvalidState, NotFound):
+        return "ended"
+    except Exception as exc:
+        return exc
 
 
 @handles(outbox.EXPIRE_VERIFICATION)
