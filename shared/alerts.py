@@ -1,7 +1,7 @@
 """Suspicious-activity alerts: stored once per dedup key, listed and acknowledged by admins."""
 from __future__ import annotations
 
-from sqlalchemy import bindparam, insert, select
+from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 
 from shared import outbox
@@ -83,18 +83,9 @@ def acknowledge(*, alert_id: int, note: str | None) -> Alert:
     return alert
 
 
-_OPEN = (select(alerts_table.c.id)
-         .where(alerts_table.c.rule == bindparam("rule"), alerts_table.c.status == "open"))
-_OPEN_FOR_USER = _OPEN.where(alerts_table.c.user_id == bindparam("user_id")).limit(1)
-_OPEN = _OPEN.limit(1)
-
-
-def open_alert_exists(*, rule: str, user_id: str | None, conn=None) -> bool:
-    """Whether an unacknowledged alert of ``rule`` for the user is already open (read on
-    ``conn`` if given, else on a pooled connection)."""
-    statement, params = ((_OPEN_FOR_USER, {"rule": rule, "user_id": user_id}) if user_id
-                         else (_OPEN, {"rule": rule}))
-    if conn is not None:
-        return conn.execute(statement, params).first() is not None
-    with db.engine.connect() as own:
-        return own.execute(statement, params).first() is not None
+def open_keys(keys: set[str], *, conn) -> set[str]:
+    """Which of the once-while-open ``keys`` ("<rule>:<user>") have an open alert, in one
+    query on ``conn``."""
+    a = alerts_table.c
+    return set(conn.execute(select(a.open_key).where(a.status == "open",
+                                                     a.open_key.in_(sorted(keys)))).scalars())

@@ -64,7 +64,6 @@ class Config:
         self.MAIL_DIR = env.get("TXMON_MAIL_DIR", str(ROOT / "var" / "mail"))
         self.TXMON_ADMIN_EMAIL = env.get("TXMON_ADMIN_EMAIL", "admin@localhost")
         self.TXMON_PUBLIC_URL = env.get("TXMON_PUBLIC_URL", "http://127.0.0.1:8000")
-        self.PORT = _int_env("PORT", 8000)
         self.ALERT_LARGE_DEBIT_CENTS = _int_env("TXMON_ALERT_LARGE_DEBIT_CENTS", 5000)
         self.ALERT_RAPID_COUNT = _int_env("TXMON_ALERT_RAPID_COUNT", 10)
         self.ALERT_RAPID_WINDOW_S = _int_env("TXMON_ALERT_RAPID_WINDOW_S", 300)

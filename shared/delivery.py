@@ -2,10 +2,10 @@
 
 A channel answers "is this notification wanted on me" (the user's preferences) and "send
 these" (a batch, in one connection). ``deliver`` runs one channel over a batch of
-notifications: one query loads them with their accounts, preferences and transactions,
-the channel sends what is wanted, one statement per outcome records it. No row lock is
-held while sending: the outbox lease keeps a second runner away, and a notification's
-email is recorded once (``email_status`` moves from pending only).
+notifications: one query loads them with their delivery on that channel, accounts,
+preferences and transactions, the channel sends what is wanted, one statement records every
+outcome in notification_deliveries. No row lock is held while sending: the outbox lease
+keeps a second runner away, and a delivery is recorded once (it moves from pending only).
 
 A new channel (webhook, SMS) is one class here plus its handler in worker_service.
 """
@@ -14,29 +14,41 @@ from __future__ import annotations
 import json
 import logging
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import and_, bindparam, select, update
 
 from shared import mail, notifications, outbox, realtime
-from shared.db import db
+from shared.db import db, utcnow
 from shared.metrics import EMAILS, NOTIFICATIONS
-from shared.models import Account, Notification, NotificationPreferences, Transaction
+from shared.models import (Account, Notification, NotificationDelivery, NotificationPreferences,
+                           Transaction)
 from shared.money import dollars
 
 log = logging.getLogger("txmon.delivery")
 
 _n, _a = Notification.__table__, Account.__table__
 _p, _t = NotificationPreferences.__table__, Transaction.__table__
+_d = NotificationDelivery.__table__
 _BATCH = (
-    select(*_n.c, _a.c.email.label("account_email"),
+    select(*_n.c, _d.c.status.label("delivery_status"), _a.c.email.label("account_email"),
            _a.c.balance_cents.label("account_balance_cents"),
            _a.c.user_id.label("account_user_id"),
            _p.c.user_id.label("prefs_user_id"),
            *[_p.c[f].label(f"pref_{f}") for f in notifications.PREFERENCE_FIELDS],
            _t.c.balance_after_cents.label("tx_balance_after_cents"))
-    .select_from(_n.outerjoin(_a, _a.c.user_id == _n.c.user_id)
+    .select_from(_n.join(_d, and_(_d.c.notification_id == _n.c.id,
+                                  _d.c.channel == bindparam("channel")))
+                 .outerjoin(_a, _a.c.user_id == _n.c.user_id)
                  .outerjoin(_p, _p.c.user_id == _n.c.user_id)
                  .outerjoin(_t, _t.c.id == _n.c.transaction_id))
     .where(_n.c.id.in_(bindparam("ids", expanding=True))))
+_DELIVERIES = (select(_d).where(_d.c.notification_id.in_(bindparam("ids", expanding=True)))
+               .order_by(_d.c.notification_id, _d.c.channel))
+# One statement per batch (executemany: one round trip with psycopg's pipeline).
+_RECORD = (update(_d)
+           .where(_d.c.notification_id == bindparam("nid"), _d.c.channel == bindparam("ch"),
+                  _d.c.status == "pending")
+           .values(status=bindparam("new_status"), attempts=_d.c.attempts + bindparam("tried"),
+                   last_error=bindparam("error"), updated_at=bindparam("now")))
 
 
 def preferences_of(row) -> dict:
@@ -70,18 +82,18 @@ class Push:
 
         from shared.redis_client import client
 
+        with db.engine.connect() as conn:
+            found = conn.execute(_DELIVERIES, {"ids": [row.id for row in rows]}).all()
+        deliveries: dict[int, list] = {}
+        for d in found:
+            deliveries.setdefault(d.notification_id, []).append(d)
         pipe = client(current_app.config["REDIS_URL"]).pipeline(transaction=False)
         for row in rows:
             pipe.publish(realtime.user_channel(row.user_id), json.dumps(
-                {"type": "notification", "notification": notifications.serialize(row)}))
+                {"type": "notification",
+                 "notification": notifications.serialize(row, deliveries.get(row.id, []))}))
         pipe.execute()
         return {row.id: None for row in rows}
-
-    def record(self, conn, sent: list, skipped: list) -> None:
-        """Push keeps no per-notification state of its own."""
-
-    def record_failed(self, conn, ids: list) -> None:
-        """Nothing to record (see ``record``)."""
 
 
 class Breaker:
@@ -177,20 +189,7 @@ class Email:
                 results[row.id] = trouble = exc
         return results
 
-    def record(self, conn, sent: list, skipped: list) -> None:
-        for status, ids in (("sent", sent), ("skipped", skipped)):
-            if ids:
-                conn.execute(_SET_EMAIL, {"status": status, "ids": ids})
 
-    def record_failed(self, conn, ids: list) -> None:
-        if ids:
-            conn.execute(_SET_EMAIL, {"status": "failed", "ids": ids})
-
-
-_SET_EMAIL = (update(Notification)
-              .where(Notification.id.in_(bindparam("ids", expanding=True)),
-                     Notification.email_status == "pending")
-              .values(email_status=bindparam("status")))
 CHANNELS = {c.name: c for c in (Push(), Email())}
 
 
@@ -201,35 +200,60 @@ def message_id(notification_id: int) -> str:
 
 def deliver(channel_name: str, notification_ids: list[int]) -> dict[int, object]:
     """Deliver ``notification_ids`` on one channel; returns, per id, "sent", "skipped",
-    "gone" (the notification no longer exists), "done" (delivered before) or the exception
-    its send raised (the caller's retry schedule decides)."""
+    "refused" (final for this message), "gone" (the notification no longer exists), "done"
+    (delivered before), an outbox.Postpone, or the exception its send raised (the caller's
+    retry schedule decides)."""
     channel = CHANNELS[channel_name]
     with db.engine.connect() as conn:
-        rows = conn.execute(_BATCH, {"ids": list(notification_ids)}).all()
+        rows = conn.execute(_BATCH, {"ids": list(notification_ids), "channel": channel_name}
+                            ).all()
     outcome: dict[int, object] = {i: "gone" for i in notification_ids}
     todo, skipped = [], []
     for row in rows:
-        if channel_name == "email" and row.email_status != "pending":
+        if row.delivery_status != "pending":
             outcome[row.id] = "done"
         elif channel.wanted(row):
             todo.append(row)
         else:
             skipped.append(row)
     results = channel.send(todo) if todo else {}
-    sent = [row for row in todo if row.id in results and results[row.id] is None]
-    # Refused by the server for this message alone: retrying cannot help, it is final.
-    refused = [row for row in todo if isinstance(results.get(row.id), mail.REFUSED)]
-    with db.engine.begin() as conn:
-        channel.record(conn, [r.id for r in sent], [r.id for r in skipped])
-        channel.record_failed(conn, [r.id for r in refused])
     for row in skipped:
         outcome[row.id] = "skipped"
     for row in todo:
-        outcome[row.id] = results.get(row.id) or "sent"
-    for row in refused:
-        outcome[row.id] = "refused"
-    _count(channel_name, sent, skipped, refused)
+        result = results.get(row.id)
+        # Refused by the server for this message alone: retrying cannot help, it is final.
+        outcome[row.id] = ("refused" if isinstance(result, mail.REFUSED)
+                           else "sent" if result is None else result)
+    record(channel_name, {row.id: outcome[row.id] for row in todo + skipped})
+    _count(channel_name, [r for r in todo if outcome[r.id] == "sent"], skipped,
+           [r for r in todo if outcome[r.id] == "refused"])
     return outcome
+
+
+_STATUS = {"sent": "sent", "skipped": "skipped", "refused": "failed"}
+
+
+def record(channel: str, outcomes: dict[int, object]) -> None:
+    """Record the outcome of each notification's delivery on ``channel``, in one statement:
+    final ones set the status, a failed try counts an attempt and keeps its error."""
+    now = utcnow()
+    params = []
+    for nid, result in outcomes.items():
+        if isinstance(result, outbox.Postpone):
+            continue  # not tried
+        status = _STATUS.get(result, "pending") if isinstance(result, str) else "pending"
+        params.append({"nid": nid, "ch": channel, "new_status": status, "now": now,
+                       "tried": 0 if result == "skipped" else 1,
+                       "error": None if status in ("sent", "skipped") else _error(result)})
+    if params:
+        with db.engine.begin() as conn:
+            conn.execute(_RECORD, params)
+
+
+def _error(result) -> str:
+    if isinstance(result, BaseException):
+        return f"{type(result).__name__}: {result}"[:2000]
+    return "SMTPRecipientsRefused" if result == "refused" else str(result)[:2000]
 
 
 def _count(channel: str, sent: list, skipped: list, failed: list) -> None:
@@ -247,11 +271,16 @@ def _count(channel: str, sent: list, skipped: list, failed: list) -> None:
         EMAILS.labels(result="failed").inc(len(failed))
 
 
-def mark_email_failed(*, notification_ids: list[int]) -> None:
-    """Record that email delivery gave up (attempts spent)."""
+def mark_failed(channel: str, *, notification_ids: list[int]) -> None:
+    """Record that delivery on ``channel`` gave up (attempts spent), in one statement."""
+    if not notification_ids:
+        return
     with db.engine.begin() as conn:
-        conn.execute(_SET_EMAIL, {"status": "failed", "ids": list(notification_ids)})
-    EMAILS.labels(result="failed").inc(len(notification_ids))
+        conn.execute(update(_d).where(_d.c.notification_id.in_(list(notification_ids)),
+                                      _d.c.channel == channel, _d.c.status == "pending")
+                     .values(status="failed", updated_at=utcnow()))
+    if channel == "email":
+        EMAILS.labels(result="failed").inc(len(notification_ids))
 
 
 def _context(row) -> dict:

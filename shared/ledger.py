@@ -9,10 +9,9 @@ Every movement is one database transaction that
   4. writes the outbox rows for what the workers do next.
 Nothing else in txmon changes a balance. See models.py for the invariants the database holds.
 
-The movement itself is fixed SQL on the driver's cursor (shared.db.RawSql): the purchase is the
-hot path, and building Core statements per call cost more CPU than Postgres spent running
-them. Round trips while the account row is locked: one, every INSERT and the COMMIT sent
-as one message after the UPDATE ... RETURNING (which also draws the new rows' ids).
+This module decides what a movement writes; shared/ledger_sql.py holds the statements that
+write it. Round trips while the account row is locked: one, every INSERT and the COMMIT
+sent as one message after the UPDATE ... RETURNING (which also draws the new rows' ids).
 """
 from __future__ import annotations
 
@@ -20,10 +19,10 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from shared import notifications, outbox, realtime
+from shared import ledger_sql, notifications, outbox, realtime
 from shared.db import RawSql, db, utcnow
 from shared.errors import IdempotencyMismatch, InsufficientFunds, InvalidState, NotFound
 from shared.metrics import REFUND_LATENCY, TRANSACTIONS
@@ -74,33 +73,9 @@ def serialize_verification(row) -> dict:
             "refund_transaction_id": row.refund_transaction_id}
 
 
-_UPDATE = ("UPDATE accounts SET balance_cents = balance_cents + %s, last_seq = last_seq + 1,"
-           " updated_at = %s WHERE user_id = %s{funds}"
-           " RETURNING balance_cents, last_seq, low_balance_threshold_cents, {ids}")
-# The new transaction's and notification's ids come back with the UPDATE, so every INSERT
-# can go out in one batch with the COMMIT. SQLite serializes writers (BEGIN IMMEDIATE), so
-# the next id there is simply max + 1.
-_NEW_IDS = {"postgresql": "nextval('transactions_id_seq') AS tx_id,"
-                          " nextval('notifications_id_seq') AS note_id",
-            "sqlite": "(SELECT COALESCE(MAX(id), 0) + 1 FROM transactions) AS tx_id,"
-                      " (SELECT COALESCE(MAX(id), 0) + 1 FROM notifications) AS note_id"}
-_UPDATES = {(dialect, funded): _UPDATE.format(
-    ids=ids, funds=" AND balance_cents >= %s" if funded else "")
-    for dialect, ids in _NEW_IDS.items() for funded in (False, True)}
-_INSERT_TX = ("INSERT INTO transactions (id, user_id, seq, amount_cents, balance_after_cents, type,"
-              " status, description, service, verification_id, reference, created_at)"
-              " VALUES (%s, %s, %s, %s, %s, %s, 'completed', %s, %s, %s, %s, %s)")
-_BALANCE = "SELECT balance_cents FROM accounts WHERE user_id = %s"
-_CLAIM = ("UPDATE verifications SET status = %s, status_reason = %s, updated_at = %s"
-          " WHERE id = %s AND status = 'pending' RETURNING id")
-_INSERT_VERIFICATION = (
-    "INSERT INTO verifications (id, user_id, service_name, country, cost_cents, timeout_seconds,"
-    " status, created_at, expires_at, updated_at, charge_transaction_id)"
-    " VALUES (%s, %s, %s, %s, %s, %s, 'pending', %s, %s, %s, %s)")
-
-
 def _post(sql: RawSql, *, user_id: str, amount_cents: int, tx: dict, notification,
-          now: datetime, require_funds: bool = False, extra_outbox=(), then=None) -> dict:
+          now: datetime, require_funds: bool = False, extra_outbox=(), then=None,
+          moved: tuple | None = None) -> dict:
     """Move ``amount_cents`` on the account inside ``sql``'s transaction (RawSql.transaction).
 
     The UPDATE ... RETURNING locks the account row and hands back the balance, the seq and
@@ -109,38 +84,37 @@ def _post(sql: RawSql, *, user_id: str, amount_cents: int, tx: dict, notificatio
     leave in one round trip with the COMMIT: the row lock is held for that round trip, not
     one per statement. Returns the transaction. Raises NotFound / InsufficientFunds with
     nothing written (the transaction rolls back); a unique violation surfaces as
-    IntegrityError when the transaction ends.
+    IntegrityError when the transaction ends. ``moved``: the UPDATE's row, when the caller
+    moved the balance itself (a refund claims its verification in the same statement).
     """
-    update = _UPDATES[sql.dialect, require_funds]
-    params = (amount_cents, now, user_id) + ((-amount_cents,) if require_funds else ())
-    row = sql.execute(update, params).fetchone()
+    row = moved or ledger_sql.move_balance(sql, user_id=user_id, amount_cents=amount_cents,
+                                           now=now, require_funds=require_funds)
     if row is None:
-        found = sql.execute(_BALANCE, (user_id,)).fetchone()
+        found = ledger_sql.balance_of(sql, user_id)
         if found is None:
             raise NotFound(f"No account for user {user_id}.")
         raise InsufficientFunds("The balance does not cover this purchase.",
-                                {"balance_cents": found[0], "required_cents": -amount_cents})
+                                {"balance_cents": found, "required_cents": -amount_cents})
     balance, seq, threshold, tx_id, note_id = row
     values = dict(tx, id=tx_id, user_id=user_id, seq=seq, amount_cents=amount_cents,
                   status="completed", balance_after_cents=balance, created_at=now)
     data = serialize_transaction(_Row(values))
-    rows = outbox.notification_messages(note_id, user_id, now)
+    ledger_sql.insert_transaction(sql, values)
+    ledger_sql.insert_notification(sql, user_id=user_id, content=notification(balance), now=now,
+                                   transaction_id=tx_id, notification_id=note_id)
+    notes = [note_id]
+    if amount_cents < 0 and balance - amount_cents >= threshold > balance:
+        # Rare: this id is read back, which sends what is queued so far.
+        notes.append(ledger_sql.insert_notification(
+            sql, user_id=user_id, now=now,
+            content=notifications.for_low_balance(balance, threshold)))
+    ledger_sql.insert_deliveries(sql, notes, now)
+    rows = [m for nid in notes for m in outbox.notification_messages(nid, user_id, now)]
     # The balance_update travels in the row, so the relay publishes it without a task hop.
     rows.append(outbox.message(outbox.PUBLISH_BALANCE, user_id, now, transaction_id=tx_id,
                                message=realtime.balance_update(data, now.isoformat())))
     rows.append(outbox.message(outbox.CHECK_ALERTS, user_id, now, transaction_id=tx_id))
     rows.extend(extra_outbox)
-    sql.execute(_INSERT_TX, (tx_id, user_id, seq, amount_cents, balance, tx["type"],
-                             tx["description"], tx["service"], tx["verification_id"],
-                             tx["reference"], now))
-    notifications.insert_notification(sql, user_id=user_id, content=notification(balance),
-                                      now=now, transaction_id=tx_id, notification_id=note_id)
-    if amount_cents < 0 and balance - amount_cents >= threshold > balance:
-        # Rare: this id is read back, which sends what is queued so far.
-        low_id = notifications.insert_notification(
-            sql, user_id=user_id, now=now,
-            content=notifications.for_low_balance(balance, threshold))
-        rows.extend(outbox.notification_messages(low_id, user_id, now))
     outbox.write(sql, rows)
     if then is not None:
         then(sql, values)
@@ -236,9 +210,7 @@ def charge_verification(*, verification_id: str, user_id: str, service_name: str
 
     def insert_verification(sql, charge: dict) -> None:
         ver["charge_transaction_id"] = charge["id"]
-        sql.execute(_INSERT_VERIFICATION, (
-            verification_id, user_id, service_name, country, cost_cents, timeout_seconds, now,
-            expires_at, now, charge["id"]))
+        ledger_sql.insert_verification(sql, ver)
 
     expire = outbox.message(outbox.EXPIRE_VERIFICATION, user_id, now, available_at=expires_at,
                             verification_id=verification_id)
@@ -292,10 +264,8 @@ def get_verification(*, verification_id: str) -> dict:
 def complete_verification(*, verification_id: str) -> dict:
     """Mark a pending verification completed (its charge stands). Completed again: no-op."""
     now = utcnow()
-    with _engine().begin() as conn:
-        conn.execute(update(verifications).where(
-            verifications.c.id == verification_id, verifications.c.status == "pending",
-        ).values(status="completed", updated_at=now))
+    with RawSql.transaction(_engine()) as sql:
+        ledger_sql.complete_verification(sql, verification_id=verification_id, now=now)
     ver = get_verification(verification_id=verification_id)
     if ver["status"] != "completed":
         raise InvalidState(f"A {ver['status']} verification cannot be completed.",
@@ -303,22 +273,25 @@ def complete_verification(*, verification_id: str) -> dict:
     return ver
 
 
-def refund_verification(*, verification_id: str, status: str,
-                        reason: str | None = None) -> Movement:
-    """End a pending verification as cancelled/failed/timed_out and refund its charge once.
+def refund_verification(*, verification_id: str, status: str, reason: str | None = None,
+                        ver=None) -> Movement:
+    """End a pending verification as cancelled/failed/timed_out and refund its charge once;
+    timed_out only once ``expires_at`` has come (NotYetExpired before).
 
     Asking again for the same ending returns the same refund; any other ending is
     InvalidState. The verification is claimed (pending -> its ending) before the account
-    is touched: of racing endings only the winner goes on to lock the account, and no
-    other path locks an existing verification and then an account, so the two orders
-    cannot deadlock (a purchase locks the account, then INSERTs its new verification).
+    is touched, in one statement on Postgres: of racing endings only the winner goes on to
+    lock the account, and no other path locks an existing verification and then an
+    account, so the two orders cannot deadlock (a purchase locks the account, then INSERTs
+    its new verification). ``ver``: the verification row, when the caller loaded it.
     """
     if status not in REFUND_STATUSES:
         raise ValueError(f"not a refunding status: {status}")
     now = utcnow()
-    with _engine().connect() as conn:
-        ver = conn.execute(select(verifications)
-                           .where(verifications.c.id == verification_id)).first()
+    if ver is None:
+        with _engine().connect() as conn:
+            ver = conn.execute(select(verifications)
+                               .where(verifications.c.id == verification_id)).first()
     if ver is None:
         raise NotFound(f"No verification {verification_id}.")
     why = reason or REFUND_STATUSES[status]
@@ -327,16 +300,20 @@ def refund_verification(*, verification_id: str, status: str,
           "description": f"Refund: {ver.service_name} verification ({why})"}
 
     def link_refund(sql, refund: dict) -> None:
-        sql.execute("UPDATE verifications SET refund_transaction_id = %s WHERE id = %s",
-                    (refund["id"], verification_id))
+        ledger_sql.link_refund(sql, verification_id=verification_id, refund_id=refund["id"])
 
     if ver.status == "pending":
+        if status == "timed_out" and ver.expires_at > now:
+            raise NotYetExpired(ver.expires_at)
         try:
             with RawSql.transaction(_engine()) as sql:
-                if sql.execute(_CLAIM, (status, reason, now, verification_id)).fetchone() is None:
+                moved = ledger_sql.claim_and_refund(
+                    sql, verification_id=verification_id, status=status, reason=reason,
+                    now=now, only_if_expired=status == "timed_out")
+                if moved is None:
                     raise _LostRace()
                 values = _post(sql, user_id=ver.user_id, amount_cents=ver.cost_cents, tx=tx,
-                               now=now, then=link_refund,
+                               now=now, then=link_refund, moved=moved,
                                notification=lambda bal: notifications.for_refund(
                                    ver.cost_cents, bal, ver.service_name, why))
         except (_LostRace, IntegrityError):
@@ -352,6 +329,14 @@ def refund_verification(*, verification_id: str, status: str,
                          ver.cost_cents)
             return _committed(movement, notification_type="instant_refund")
     return _refund_replay(verification_id, status)
+
+
+class NotYetExpired(Exception):
+    """A timeout for a verification still pending before its expires_at: nothing refunded."""
+
+    def __init__(self, expires_at: datetime):
+        super().__init__(f"expires at {expires_at.isoformat()}")
+        self.expires_at = expires_at
 
 
 class _LostRace(Exception):

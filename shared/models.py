@@ -9,6 +9,8 @@
 4. (verification_id, type) is unique: one charge and one refund per verification.
 5. (reference) is unique per type: a payment_id credits once, an adjustment key applies once.
 6. notifications.transaction_id is unique: one in-app notification per transaction.
+7. notification_deliveries (notification_id, channel) is the primary key: one delivery per
+   channel, written in the notification's commit; its status is the truth of delivery.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from datetime import datetime
 
 from sqlalchemy import (JSON, BigInteger, Boolean, CheckConstraint, ForeignKey, Index, Integer,
                         String, Text, UniqueConstraint, text)
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from shared.db import UTCDateTime, db
 
@@ -26,7 +28,7 @@ TRANSACTION_TYPES = ("credit", "sms_purchase", "verification_refund", "adjustmen
 VERIFICATION_STATUSES = ("pending", "completed", "cancelled", "failed", "timed_out")
 NOTIFICATION_TYPES = ("credit_added", "credit_deducted", "instant_refund", "balance_adjusted",
                       "suspicious_activity", "low_balance")
-EMAIL_STATUSES = ("pending", "sent", "skipped", "failed")
+DELIVERY_STATUSES = ("pending", "sent", "skipped", "failed")
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
@@ -125,15 +127,33 @@ class Notification(db.Model):
     transaction_id: Mapped[int | None] = mapped_column(ForeignKey("transactions.id"),
                                                        unique=True)
     read: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
-    email_status: Mapped[str] = mapped_column(String(16), nullable=False, default="pending")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    deliveries: Mapped[list["NotificationDelivery"]] = relationship(
+        lazy="selectin", order_by="NotificationDelivery.channel", viewonly=True)
 
     __table_args__ = (
         CheckConstraint(_in("type", NOTIFICATION_TYPES), name="type_known"),
-        CheckConstraint(_in("email_status", EMAIL_STATUSES), name="email_status_known"),
         Index("ix_notifications_user_id_id", "user_id", "id"),
         Index("ix_notifications_user_unread", "user_id",
               postgresql_where=text("NOT read"), sqlite_where=text("NOT read")),
+    )
+
+
+class NotificationDelivery(db.Model):
+    """A notification on one channel (push, email): the truth of its delivery."""
+
+    __tablename__ = "notification_deliveries"
+
+    notification_id: Mapped[int] = mapped_column(
+        ForeignKey("notifications.id", ondelete="CASCADE"), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(16), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+    __table_args__ = (
+        CheckConstraint(_in("status", DELIVERY_STATUSES), name="status_known"),
     )
 
 

@@ -1,8 +1,6 @@
 """What users are told: notification texts, preferences, and the inbox queries."""
 from __future__ import annotations
 
-from datetime import datetime
-
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
@@ -65,34 +63,21 @@ def for_low_balance(balance_cents: int, threshold_cents: int) -> dict:
             "link": "/wallet", "icon": "warning", "amount_cents": balance_cents}
 
 
-_COLUMNS = ("user_id, type, title, message, link, icon, amount_cents, transaction_id, read,"
-            " email_status, created_at")
-_VALUES = "%s, %s, %s, %s, %s, %s, %s, %s, %s, 'pending', %s"
-_INSERT = f"INSERT INTO notifications (id, {_COLUMNS}) VALUES (%s, {_VALUES})"
-_INSERT_NEW_ID = f"INSERT INTO notifications ({_COLUMNS}) VALUES ({_VALUES}) RETURNING id"
-
-
-def insert_notification(sql, *, user_id: str, content: dict, now: datetime,
-                        transaction_id: int | None = None,
-                        notification_id: int | None = None) -> int:
-    """Write one in-app notification with ``sql`` (a shared.db.RawSql); returns its id.
-
-    With ``notification_id`` (taken from the sequence beforehand) nothing is read back, so
-    the INSERT can be batched with others.
-    """
-    values = (user_id, content["type"], content["title"], content["message"], content["link"],
-              content["icon"], content["amount_cents"], transaction_id, False, now)
-    if notification_id is not None:
-        sql.execute(_INSERT, (notification_id,) + values)
-        return notification_id
-    return sql.execute(_INSERT_NEW_ID, values).fetchone()[0]
-
-
-def serialize(n: Notification) -> dict:
-    """Notification as the contract's object."""
+def serialize(n, deliveries=None) -> dict:
+    """Notification as the contract's object; ``deliveries`` (rows of
+    notification_deliveries) default to the ORM object's own. ``email_status`` is the email
+    delivery's status."""
+    out = [serialize_delivery(d) for d in (n.deliveries if deliveries is None else deliveries)]
+    email = next((d["status"] for d in out if d["channel"] == "email"), "skipped")
     return {"id": n.id, "type": n.type, "title": n.title, "message": n.message, "link": n.link,
             "icon": n.icon, "transaction_id": n.transaction_id, "read": n.read,
-            "created_at": n.created_at.isoformat(), "email_status": n.email_status}
+            "created_at": n.created_at.isoformat(), "email_status": email, "deliveries": out}
+
+
+def serialize_delivery(d) -> dict:
+    """A notification_deliveries row as the contract's delivery object."""
+    return {"channel": d.channel, "status": d.status, "attempts": d.attempts,
+            "last_error": d.last_error, "updated_at": d.updated_at.isoformat()}
 
 
 def list_for_user(*, user_id: str, unread_only: bool, limit: int,

@@ -64,6 +64,9 @@ EXPIRE_VERIFICATION = _declare("txmon.refunds.expire_verification", "refunds",
 EMAIL_ALERT = _declare("txmon.email.send_alert", "email", backoff_s=(2, 10, 30, 60, 300, 900),
                        attempts=8)
 PUBLISH_ALERT = _declare("txmon.realtime.publish_alert", "realtime")
+# Notification channels, each with its handler (queue and retry schedule): a notification
+# gets one delivery row and one outbox row per channel.
+CHANNELS = {"push": PUSH, "email": SEND_EMAIL}
 QUEUES = tuple(dict.fromkeys(h.queue for h in HANDLERS.values()))
 
 
@@ -84,8 +87,8 @@ def message(task: str, user_id: str | None, now: datetime, *, available_at: date
 
 def notification_messages(notification_id: int, user_id: str, now: datetime) -> list[dict]:
     """The delivery work of a notification: one row per channel."""
-    return [message(PUSH, user_id, now, notification_id=notification_id),
-            message(SEND_EMAIL, user_id, now, notification_id=notification_id)]
+    return [message(task, user_id, now, notification_id=notification_id)
+            for task in CHANNELS.values()]
 
 
 _INSERT = "INSERT INTO outbox (user_id, task, payload, available_at, created_at, attempts) VALUES "

@@ -195,11 +195,7 @@ def test_worker_sends_task_events_for_flower(services):
 
 # --- ports -----------------------------------------------------------------------------------
 
-def test_api_port_matches_the_configuration(services, monkeypatch):
-    from shared.config import Config
-
-    monkeypatch.delenv("PORT", raising=False)
-    assert Config().PORT == API_PORT, "shared/config.py PORT default"
+def test_api_port_matches_the_configuration(services):
     assert gunicorn_bind({}) == f"127.0.0.1:{API_PORT}", "gunicorn.conf.py default"
 
     api = services["api"]

@@ -70,8 +70,8 @@ CASES = {
     "transaction without exactly one primary notification ": [  # two
         "ALTER TABLE notifications DROP CONSTRAINT uq_notifications_transaction_id",
         "INSERT INTO notifications (user_id, type, title, message, amount_cents, transaction_id,"
-        " read, email_status, created_at) SELECT user_id, type, title, message, amount_cents,"
-        f" transaction_id, read, email_status, created_at FROM notifications"
+        " read, created_at) SELECT user_id, type, title, message, amount_cents,"
+        f" transaction_id, read, created_at FROM notifications"
         f" WHERE transaction_id = {U1_PURCHASE}"],
     "transaction without exactly one primary notification  ": [  # to someone else
         f"UPDATE notifications SET user_id = 'u2' WHERE transaction_id = {U1_PURCHASE}"],
@@ -137,13 +137,13 @@ def test_a_purchase_below_zero_is_the_only_breach_of_a_consistent_ledger(ledger)
     assert len(found) == 1 and found[0].startswith("debit below zero"), found
 
 
-def test_delivery__every_due_follow_up_done_and_no_email_pending(ledger):
+def test_delivery__every_due_follow_up_done_and_no_delivery_pending(ledger):
     # No worker ran: the follow-ups of every commit are still due.
     assert any(p.startswith("due follow-up not done:") for p in _found(ledger, [],
                                                                        delivered=True))
     done = "UPDATE outbox SET dispatched_at = now(), completed_at = now()"
-    sent = "UPDATE notifications SET email_status = 'sent'"
-    assert any(p.startswith("notification email still pending:")
+    sent = "UPDATE notification_deliveries SET status = 'sent'"
+    assert any(p.startswith("notification delivery still pending:")
                for p in _found(ledger, [done], delivered=True))
     done = [done, sent]
     assert _found(ledger, done, delivered=True) == []
@@ -153,10 +153,11 @@ def test_delivery__every_due_follow_up_done_and_no_email_pending(ledger):
     assert _found(ledger, [*done, later, undone], delivered=True) == []  # not due yet
     assert [p.split(":")[0] for p in _found(ledger, [*done, undone], delivered=True)] == [
         "due follow-up not done"]
-    pending = f"UPDATE notifications SET email_status = 'pending' WHERE transaction_id = " \
-              f"{U1_PURCHASE}"
+    pending = ("UPDATE notification_deliveries SET status = 'pending' WHERE channel = 'email'"
+               " AND notification_id = (SELECT id FROM notifications WHERE transaction_id = "
+               f"{U1_PURCHASE})")
     assert [p.split(":")[0] for p in _found(ledger, [*done, pending], delivered=True)] == [
-        "notification email still pending"]
+        "notification delivery still pending"]
 
 
 def _id(conn, user: str, seq: int) -> int:

@@ -6,11 +6,9 @@ from tests.support import assert_error, invariant_violations
 
 pytestmark = pytest.mark.smoke
 
-# Changes with issue 12, "Rebuild the delivery pipeline: one outbox spine, channels,
-# batches, recovery within a minute":
-# DESIGN.md adds `deliveries` (one per channel); email_status derives from it.
 NOTIFICATION_KEYS = {"id", "type", "title", "message", "link", "icon", "transaction_id", "read",
-                     "created_at", "email_status"}
+                     "created_at", "email_status", "deliveries"}
+DELIVERY_KEYS = {"channel", "status", "attempts", "last_error", "updated_at"}
 DEFAULT_PREFERENCES = {"email_on_credit": True, "email_on_debit": True,
                        "email_on_refund": True, "push_on_credit": True,
                        "push_on_debit": False, "push_on_refund": True,
@@ -36,13 +34,17 @@ def test_credit__notifies_credits_added(api):
     body = inbox(api)
     assert body["unread_count"] == 1
     [n] = body["notifications"]
-    assert set(n) == NOTIFICATION_KEYS  # `deliveries` comes with issue 12
+    assert set(n) == NOTIFICATION_KEYS
     assert (n["type"], n["title"]) == ("credit_added", "Credits Added")
     assert n["message"] == "$20.00 added to your account. New balance: $20.00"
     assert (n["link"], n["icon"]) == ("/wallet", "add_circle")
     assert n["transaction_id"] == r.get_json()["transaction"]["id"]
     assert n["read"] is False
-    assert n["email_status"] in ("pending", "sent", "skipped", "failed")
+    assert n["email_status"] == "pending"  # no worker ran
+    assert [set(d) for d in n["deliveries"]] == [DELIVERY_KEYS] * 2
+    assert [(d["channel"], d["status"], d["attempts"], d["last_error"])
+            for d in n["deliveries"]] == [("email", "pending", 0, None),
+                                          ("push", "pending", 0, None)]
     assert n["created_at"].endswith("+00:00")
 
 

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from tests.support import invariant_violations
-from tests.support.workers import rows, scalar
+from tests.support.workers import execute, rows, scalar
 
 
 pytestmark = pytest.mark.smoke
@@ -99,7 +99,8 @@ def test_email__mixed_batch_gone_and_poisoned__each_email_once_with_stable_messa
     got = smtp.messages(to="a@example.com")
     assert len(got) == 1 and got[0].message["Message-ID"] == f"<notification-{notes[0]}@txmon.local>"
     statuses = {r["user_id"]: r["email_status"] for r in rows(
-        wired, "SELECT user_id, email_status FROM notifications")}
+        wired, "SELECT n.transaction_id, n.user_id, d.status AS email_status"
+        " FROM notifications n JOIN notification_deliveries d ON d.notification_id = n.id AND d.channel = 'email'")}
     assert statuses == {"em-a": "sent", "em-b": "failed", "em-c": "skipped"}
 
     # The same rows again (a duplicate message): nothing left to do, nothing sent twice.
@@ -158,12 +159,14 @@ def test_alert_check__mixed_batch_gone_and_poisoned__one_alert_per_finding(wired
     assert scalar(wired, "SELECT count(*) FROM alerts WHERE rule = 'large_deduction'") == 1
 
 
-def test_expire__mixed_batch_gone_and_poisoned__refunds_each_pending_once(wired, api):
+def test_expire__mixed_batch_gone_and_poisoned__refunds_each_expired_pending_once(wired, api):
     from shared import outbox
 
     api.account("ex-a", 1000)
-    for vid in ("ex-1", "ex-2"):
+    for vid in ("ex-1", "ex-2", "ex-3"):
         assert api.purchase("ex-a", 100, vid=vid).status_code == 201
+    execute(wired, "UPDATE verifications SET expires_at = CURRENT_TIMESTAMP"
+                   " WHERE id IN ('ex-1', 'ex-2')")
     r = api.client.post("/api/v1/verifications/ex-2/complete", headers=api.service, json={})
     assert r.status_code == 200, r.get_json()
     ids = _write(wired, outbox.EXPIRE_VERIFICATION,
@@ -176,6 +179,34 @@ def test_expire__mixed_batch_gone_and_poisoned__refunds_each_pending_once(wired,
     _assert_mixed_batch(wired, outbox.EXPIRE_VERIFICATION, ids, poisoned)
     assert scalar(wired, "SELECT count(*) FROM transactions WHERE type = 'verification_refund'") == 1
     assert invariant_violations(wired) == []
+
+
+def test_expire__unexpired_verification__refunds_nothing_and_waits_for_expiry(wired, api):
+    from shared import ledger, outbox
+
+    api.account("ne-a", 1000)
+    assert api.purchase("ne-a", 100, vid="ne-1").status_code == 201
+    [row] = _write(wired, outbox.EXPIRE_VERIFICATION, [{"verification_id": "ne-1"}])
+    result = _run(wired, outbox.EXPIRE_VERIFICATION, [row])
+    assert result == {"ran": 1, "skipped": 0, "postponed": 1}, result
+    with wired.app_context():
+        with pytest.raises(ledger.NotYetExpired):
+            ledger.refund_verification(verification_id="ne-1", status="timed_out")
+    assert scalar(wired, "SELECT status FROM verifications WHERE id = 'ne-1'") == "pending"
+    assert scalar(wired, "SELECT count(*) FROM transactions WHERE type = 'verification_refund'") == 0
+    due = _row(wired, row)
+    assert due["completed_at"] is None and due["dispatched_at"] is None and due["attempts"] == 0
+    expires = scalar(wired, "SELECT expires_at FROM verifications WHERE id = 'ne-1'")
+    assert _aware(due["available_at"]) >= _aware(expires)
+    assert invariant_violations(wired) == []
+
+
+def _aware(value):
+    from datetime import datetime, timezone
+
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 def test_publish__mixed_batch_gone_and_poisoned__one_pipeline(wired, api, redis_server):

@@ -115,7 +115,8 @@ def _all_done(app) -> bool:
     """Every follow-up due is done: no open due row (dead rows count as not done), every
     email final, every expired verification ended."""
     return (_open_due(app) == 0
-            and scalar(app, "SELECT count(*) FROM notifications WHERE email_status = 'pending'") == 0
+            and scalar(app, "SELECT count(*) FROM notification_deliveries WHERE channel = 'email'"
+                          " AND status = 'pending'") == 0
             and scalar(app, "SELECT count(*) FROM verifications WHERE status = 'pending'"
                             " AND expires_at <= now()") == 0)
 
@@ -132,7 +133,8 @@ def _emails_by_message_id(app, smtp) -> tuple[Counter, set]:
     got = Counter(m.message["Message-ID"] for m in smtp.messages()
                   if str(m.message["Message-ID"]).startswith("<notification-"))
     want = {f"<notification-{r['id']}@txmon.local>" for r in rows(
-        app, "SELECT id FROM notifications WHERE email_status = 'sent'")}
+        app, "SELECT notification_id FROM notification_deliveries"
+        " WHERE channel = 'email' AND status = 'sent'")}
     return got, want
 
 
@@ -279,11 +281,12 @@ def test_stuck_smtp__pushes_balances_and_alert_checks_done__emails_once_it_answe
                                    f"stuck ({_open_due(app, others)} open); log tail:\n"
                                    f"{worker.log()[-2000:]}")
         assert smtp.messages() == []
-        assert scalar(app, "SELECT count(*) FROM notifications WHERE email_status = 'pending'") > 0
+        assert scalar(app, "SELECT count(*) FROM notification_deliveries WHERE channel = 'email'"
+                          " AND status = 'pending'") > 0
 
         stuck.answer()
-        wait_until(lambda: scalar(app, "SELECT count(*) FROM notifications"
-                                       " WHERE email_status = 'pending'") == 0,
+        wait_until(lambda: scalar(app, "SELECT count(*) FROM notification_deliveries"
+                                       " WHERE channel = 'email' AND status = 'pending'") == 0,
                    timeout=180, interval=1,
                    message=lambda: f"emails sent once SMTP answers; log tail:\n"
                                    f"{worker.log()[-2000:]}")

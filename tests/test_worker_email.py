@@ -21,8 +21,10 @@ TITLES = {"credit_added": "Credits Added", "credit_deducted": "Credits Used",
 
 
 def _notifications(app, user_id: str) -> list[dict]:
-    return rows(app, "SELECT n.*, t.balance_after_cents FROM notifications n "
-                     "LEFT JOIN transactions t ON t.id = n.transaction_id "
+    return rows(app, "SELECT n.*, t.balance_after_cents, d.status AS email_status"
+                     " FROM notifications n LEFT JOIN transactions t ON t.id = n.transaction_id"
+                     " JOIN notification_deliveries d ON d.notification_id = n.id"
+                     " AND d.channel = 'email' "
                      "WHERE n.user_id = :u ORDER BY n.id", u=user_id)
 
 
@@ -138,15 +140,17 @@ def test_email__preferences_threshold_and_missing_address_skip(app, api, workers
     expect[credit("carol", 5000, "pc-1")["transaction"]["id"]] = "skipped"  # no address
     expect[ok(api.purchase("carol", 100, vid="vc-1"))["transaction"]["id"]] = "skipped"
 
-    notes = rows(app, "SELECT transaction_id, email_status FROM notifications "
-                      "WHERE transaction_id IS NOT NULL")
+    notes = rows(app, "SELECT n.transaction_id, n.user_id, d.status AS email_status"
+                      " FROM notifications n JOIN notification_deliveries d ON d.notification_id = n.id AND d.channel = 'email'"
+                      " WHERE n.transaction_id IS NOT NULL")
     assert {n["transaction_id"]: n["email_status"] for n in notes} == {
         t: "pending" for t in expect}
     assert rows(app, "SELECT * FROM notifications WHERE transaction_id IS NULL") == []
 
     worker = workers.start(smtp=smtp)
     wait_quiet(app, worker)
-    notes = rows(app, "SELECT transaction_id, email_status FROM notifications")
+    notes = rows(app, "SELECT n.transaction_id, n.user_id, d.status AS email_status"
+                      " FROM notifications n JOIN notification_deliveries d ON d.notification_id = n.id AND d.channel = 'email'")
     assert {n["transaction_id"]: n["email_status"] for n in notes} == expect
     bob_mail = sorted(m.subject for m in smtp.messages(to="bob@example.com"))
     assert bob_mail == sorted(["txmon: Credits Added", "txmon: Instant Refund Processed",

@@ -66,8 +66,8 @@ def run(name: str, outbox_ids: list[int]) -> dict:
             db.session.remove()  # SQLite: a session's open transaction holds the write lock
     failed = [(r, results[r.id]) for r in rows if isinstance(results.get(r.id), BaseException)]
     later = [r for r in rows if isinstance(results.get(r.id), outbox.Postpone)]
-    if later:
-        outbox.postpone(later, max(results[r.id].seconds for r in later))
+    for seconds in sorted({results[r.id].seconds for r in later}):
+        outbox.postpone([r for r in later if results[r.id].seconds == seconds], seconds)
     outbox.complete([r.id for r in rows if not isinstance(results.get(r.id),
                                                           (BaseException, outbox.Postpone))])
     if failed:

@@ -89,8 +89,8 @@ LEDGER_CHECKS = {
 DELIVERY_CHECKS = {
     "due follow-up not done":
         "SELECT id FROM outbox WHERE completed_at IS NULL AND available_at <= :now",
-    "notification email still pending":
-        "SELECT n.id FROM notifications n WHERE n.email_status = 'pending'",
+    "notification delivery still pending":
+        "SELECT notification_id FROM notification_deliveries WHERE status = 'pending'",
 }
 
 

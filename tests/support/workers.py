@@ -104,9 +104,10 @@ def outbox_pending(app) -> int:
 
 
 def email_statuses(app, user_id: str | None = None) -> dict[int, str]:
-    sql = "SELECT id, email_status FROM notifications"
+    sql = ("SELECT n.id, d.status AS email_status FROM notifications n"
+           " JOIN notification_deliveries d ON d.notification_id = n.id AND d.channel = 'email'")
     if user_id:
-        sql += " WHERE user_id = :u"
+        sql += " WHERE n.user_id = :u"
     return {r["id"]: r["email_status"] for r in rows(app, sql, u=user_id)}
 
 

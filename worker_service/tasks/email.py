@@ -24,7 +24,7 @@ def give_up(failed, *, marked: bool = False) -> None:
     if not ids:
         return
     if not marked:
-        delivery.mark_email_failed(notification_ids=ids)
+        delivery.mark_failed("email", notification_ids=ids)
     errors = {row.payload.get("notification_id"): exc for row, exc in failed}
     refunds = db.session.execute(select(Notification.id, Notification.user_id,
                                         Notification.transaction_id)

@@ -14,7 +14,14 @@ def deliver_rows(channel: str, rows) -> dict:
     return {**bad, **{row_id: outcome[nid] for row_id, nid in good.items()}}
 
 
-@handles(outbox.PUSH)
+def give_up(failed) -> None:
+    """Pushes whose attempts are spent: their delivery is failed."""
+    ids = [row.payload.get("notification_id") for row, _ in failed
+           if isinstance(row.payload, dict)]
+    delivery.mark_failed("push", notification_ids=[i for i in ids if isinstance(i, int)])
+
+
+@handles(outbox.PUSH, on_dead=give_up)
 def push(rows) -> dict:
     """Publish each notification the user's push preferences want, one Redis pipeline."""
     return deliver_rows("push", rows)
