@@ -8,21 +8,46 @@ from sqlalchemy import case, func, select
 
 from shared.db import db, utcnow
 from shared.ledger import serialize_transaction
-from shared.models import Transaction
+from shared.models import AccountTxCount, Transaction
+
+t = Transaction.__table__
+counts = AccountTxCount.__table__
+_COLUMNS = (t.c.id, t.c.seq, t.c.user_id, t.c.amount_cents, t.c.type, t.c.status,
+            t.c.description, t.c.service, t.c.verification_id, t.c.reference,
+            t.c.balance_after_cents, t.c.created_at)
 
 CSV_COLUMNS = ("id", "seq", "created_at", "type", "amount_cents", "balance_after_cents",
                "status", "description", "service", "verification_id", "reference")
 
 
 def _filtered(user_id: str, tx_type: str | None, start: datetime | None, end: datetime | None):
-    q = select(Transaction).where(Transaction.user_id == user_id)
+    q = select(*_COLUMNS).where(t.c.user_id == user_id)
     if tx_type:
-        q = q.where(Transaction.type == tx_type)
+        q = q.where(t.c.type == tx_type)
     if start:
-        q = q.where(Transaction.created_at >= start)
+        q = q.where(t.c.created_at >= start)
     if end:
-        q = q.where(Transaction.created_at <= end)
+        q = q.where(t.c.created_at <= end)
     return q
+
+
+def _total(user_id: str, tx_type: str | None, start: datetime | None,
+           end: datetime | None) -> int:
+    """Exact count of the matching rows. Without a date filter it is the trigger-kept count
+    (no scan); with one it is a count over the (user_id, created_at) index range only."""
+    if start is None and end is None:
+        q = select(func.coalesce(func.sum(counts.c.n), 0)).where(counts.c.user_id == user_id)
+        if tx_type:
+            q = q.where(counts.c.type == tx_type)
+        return int(db.session.scalar(q))
+    q = select(func.count()).select_from(t).where(t.c.user_id == user_id)
+    if tx_type:
+        q = q.where(t.c.type == tx_type)
+    if start:
+        q = q.where(t.c.created_at >= start)
+    if end:
+        q = q.where(t.c.created_at <= end)
+    return int(db.session.scalar(q))
 
 
 def page(*, user_id: str, tx_type: str | None = None, start: datetime | None = None,
@@ -31,25 +56,55 @@ def page(*, user_id: str, tx_type: str | None = None, start: datetime | None = N
     """(total matching, page newest first, seq to continue before or None).
 
     ``before_seq`` is keyset paging on the account's seq, stable while new rows arrive.
+    Unfiltered, ``skip`` becomes a seq bound when the account's seqs are gapless (their
+    count equals the highest seq), so it reads ``limit`` index entries, not ``skip``.
     """
+    total = _total(user_id, tx_type, start, end)
     q = _filtered(user_id, tx_type, start, end)
-    total = db.session.scalar(select(func.count()).select_from(q.subquery()))
+    if skip and not (tx_type or start or end):
+        top = db.session.scalar(select(func.max(t.c.seq)).where(t.c.user_id == user_id)) or 0
+        if top == total:
+            before_seq = min(before_seq or top + 1, top + 1) - skip
+            skip = 0
     if before_seq is not None:
-        q = q.where(Transaction.seq < before_seq)
-    rows = db.session.scalars(q.order_by(Transaction.seq.desc()).offset(skip)
-                              .limit(limit + 1)).all()
+        q = q.where(t.c.seq < before_seq)
+    rows = db.session.execute(q.order_by(t.c.seq.desc()).offset(skip).limit(limit + 1)).all()
     more = len(rows) > limit
     rows = rows[:limit]
     return total, [serialize_transaction(r) for r in rows], (rows[-1].seq if more else None)
 
 
+EXPORT_BATCH = 2000
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value) -> str:
+    """A CSV cell; text a spreadsheet would run as a formula is prefixed with a quote (numbers,
+    a negative amount included, stay numbers)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        return str(value)
+    return "'" + value if value.startswith(FORMULA_STARTS) else value
+
+
 def export_rows(*, user_id: str, tx_type: str | None = None, start: datetime | None = None,
                 end: datetime | None = None) -> Iterator[list]:
-    """Every matching transaction, newest first, as CSV rows (streamed from the cursor)."""
-    q = _filtered(user_id, tx_type, start, end).order_by(Transaction.seq.desc())
-    for tx in db.session.scalars(q.execution_options(yield_per=500)):
-        data = serialize_transaction(tx)
-        yield [data[c] if data[c] is not None else "" for c in CSV_COLUMNS]
+    """Every matching transaction, newest first, as CSV rows: keyset batches on seq, each its
+    own short query, so no connection or transaction is held for the whole download."""
+    before = None
+    while True:
+        q = _filtered(user_id, tx_type, start, end)
+        if before is not None:
+            q = q.where(t.c.seq < before)
+        rows = db.session.execute(q.order_by(t.c.seq.desc()).limit(EXPORT_BATCH)).all()
+        db.session.rollback()  # back to the pool between batches
+        for row in rows:
+            data = serialize_transaction(row)
+            yield [_cell(data[c]) for c in CSV_COLUMNS]
+        if len(rows) < EXPORT_BATCH:
+            return
+        before = rows[-1].seq
 
 
 def monitor(*, minutes: int) -> dict:
