@@ -14,9 +14,22 @@ bp = Blueprint("admin", __name__, url_prefix="/api/admin")
 TAGS = ("admin",)
 
 
+class SeriesBucket(BaseModel):
+    start: str
+    transactions: int
+    credits_added_cents: int
+    credits_spent_cents: int
+    refunds_issued_cents: int
+
+
+class MonitorOut(s.MonitorOut):
+    bucket_minutes: int
+    series: list[SeriesBucket]
+
+
 @bp.get("/transactions/monitor")
 @operation("Transaction summary over a time window", auth_as="admin", query=s.MonitorQuery,
-           tags=TAGS, responses={200: s.MonitorOut})
+           tags=TAGS, responses={200: MonitorOut})
 def monitor(principal, query):
     return jsonify(history.monitor(minutes=query.minutes))
 

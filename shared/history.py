@@ -1,10 +1,10 @@
 """Reading the ledger: a user's history pages, CSV export, the admin monitor. All in SQL."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Iterator
 
-from sqlalchemy import case, func, select
+from sqlalchemy import BigInteger, case, cast, func, select
 
 from shared.db import db, utcnow
 from shared.ledger import serialize_transaction
@@ -88,10 +88,12 @@ def _cell(value) -> str:
     return "'" + value if value.startswith(FORMULA_STARTS) else value
 
 
-def export_rows(*, user_id: str, tx_type: str | None = None, start: datetime | None = None,
-                end: datetime | None = None) -> Iterator[list]:
-    """Every matching transaction, newest first, as CSV rows: keyset batches on seq, each its
-    own short query, so no connection or transaction is held for the whole download."""
+def export_batches(*, user_id: str, tx_type: str | None = None,
+                   start: datetime | None = None,
+                   end: datetime | None = None) -> Iterator[list[list[str]]]:
+    """Every matching transaction, newest first, as batches of CSV rows: keyset batches on
+    seq, each its own short query, so no connection or transaction is held for the whole
+    download and memory stays at one batch."""
     before = None
     while True:
         q = _filtered(user_id, tx_type, start, end)
@@ -99,17 +101,29 @@ def export_rows(*, user_id: str, tx_type: str | None = None, start: datetime | N
             q = q.where(t.c.seq < before)
         rows = db.session.execute(q.order_by(t.c.seq.desc()).limit(EXPORT_BATCH)).all()
         db.session.rollback()  # back to the pool between batches
-        for row in rows:
-            data = serialize_transaction(row)
-            yield [_cell(data[c]) for c in CSV_COLUMNS]
+        yield [[_cell(row._mapping[c]) if c != "created_at" else row.created_at.isoformat()
+                for c in CSV_COLUMNS] for row in rows]
         if len(rows) < EXPORT_BATCH:
             return
         before = rows[-1].seq
 
 
-def monitor(*, minutes: int) -> dict:
+def bucket_minutes(window_minutes: int) -> int:
+    """The series' bucket width: minutes up to 3 h, quarter hours up to a day, then hours
+    (at most 180, 96 and 168 points), aligned to UTC."""
+    return 1 if window_minutes <= 180 else 15 if window_minutes <= 1440 else 60
+
+
+def _epoch_seconds(column):
+    if db.session.get_bind().dialect.name == "sqlite":
+        return cast(func.strftime("%s", column), BigInteger)
+    return cast(func.floor(func.extract("epoch", column)), BigInteger)
+
+
+def monitor(*, minutes: int, now: datetime | None = None) -> dict:
     """Admin summary of the last ``minutes``: one aggregate query, one group-by, 20 recent."""
-    cutoff = utcnow() - timedelta(minutes=minutes)
+    now = now or utcnow()
+    cutoff = now - timedelta(minutes=minutes)
     t = Transaction
     in_window = t.created_at >= cutoff
 
@@ -126,7 +140,22 @@ def monitor(*, minutes: int) -> dict:
     recent = db.session.execute(
         select(t.id, t.user_id, t.amount_cents, t.type, t.description, t.created_at)
         .where(in_window).order_by(t.created_at.desc(), t.id.desc()).limit(20)).all()
-    return {"window_minutes": minutes, "total_transactions": totals[0],
+    width = bucket_minutes(minutes)
+    bucket = _epoch_seconds(t.created_at) // (width * 60)
+    sums = db.session.execute(
+        select(bucket, func.count(), total_of("credit"), total_of("sms_purchase", -1),
+               total_of("verification_refund")).where(in_window).group_by(bucket)).all()
+    by_bucket = {int(b): row for b, *row in sums}
+    first = int(cutoff.timestamp()) // (width * 60)
+    last = max([int(now.timestamp()) // (width * 60), *by_bucket])
+    series = []
+    for b in range(first, last + 1):
+        n, added, spent, refunds = by_bucket.get(b, (0, 0, 0, 0))
+        series.append({"start": datetime.fromtimestamp(b * width * 60, timezone.utc).isoformat(),
+                       "transactions": n, "credits_added_cents": int(added),
+                       "credits_spent_cents": int(spent), "refunds_issued_cents": int(refunds)})
+    return {"window_minutes": minutes, "bucket_minutes": width, "series": series,
+            "total_transactions": totals[0],
             "credits_added_cents": int(totals[1]), "credits_spent_cents": int(totals[2]),
             "refunds_issued_cents": int(totals[3]), "unique_users": totals[4],
             "by_type": by_type,
