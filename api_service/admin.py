@@ -1,21 +1,64 @@
 """Admin views: the transaction monitor, alerts, reconciliation (admin JWT)."""
 from __future__ import annotations
 
+from typing import Annotated, Literal, Optional
+
 from flask import Blueprint, jsonify
+from pydantic import BaseModel, StringConstraints
 
 from api_service import schemas as s
 from api_service.contract import operation
-from shared import alerts, history, reconcile
+from shared import alerts, history, reconcile, timeline
 
 bp = Blueprint("admin", __name__, url_prefix="/api/admin")
 TAGS = ("admin",)
 
 
+class SeriesBucket(BaseModel):
+    start: str
+    transactions: int
+    credits_added_cents: int
+    credits_spent_cents: int
+    refunds_issued_cents: int
+
+
+class MonitorOut(s.MonitorOut):
+    bucket_minutes: int
+    series: list[SeriesBucket]
+
+
 @bp.get("/transactions/monitor")
 @operation("Transaction summary over a time window", auth_as="admin", query=s.MonitorQuery,
-           tags=TAGS, responses={200: s.MonitorOut})
+           tags=TAGS, responses={200: MonitorOut})
 def monitor(principal, query):
     return jsonify(history.monitor(minutes=query.minutes))
+
+
+class TimelineQuery(s.Query):
+    limit: s.Limit = 50
+    cursor: Optional[Annotated[str, StringConstraints(pattern=timeline.CURSOR_PATTERN)]] = None
+
+
+class TimelineEvent(BaseModel):
+    at: str
+    kind: Literal["transaction", "verification", "notification", "alert"]
+    id: str
+    summary: str
+    data: dict
+
+
+class TimelineOut(BaseModel):
+    user_id: str
+    events: list[TimelineEvent]
+    next_cursor: Optional[str]
+
+
+@bp.get("/accounts/<user_id>/timeline")
+@operation("One account's transactions, verification changes, notifications and alerts, "
+           "newest first", auth_as="admin", query=TimelineQuery, ids=("user_id",), tags=TAGS,
+           responses={200: TimelineOut, 404: s.ErrorOut})
+def account_timeline(user_id, principal, query):
+    return jsonify(timeline.page(user_id=user_id, limit=query.limit, cursor=query.cursor))
 
 
 @bp.get("/alerts")
@@ -41,8 +84,6 @@ def reconciliation(principal):
 
 
 # -- the outbox: follow-up work not yet done, dead letters and their re-drive ----------------
-
-from pydantic import BaseModel  # noqa: E402
 
 from shared import outbox  # noqa: E402
 

@@ -43,20 +43,20 @@ def transactions_detailed(principal, query):
 @operation("The caller's transactions as CSV", auth_as="user", query=s.ExportQuery, tags=TAGS,
            responses={200: None}, content_type="text/csv")
 def export_csv(principal, query):
-    rows = history.export_rows(user_id=principal.user_id, tx_type=query.type,
-                               start=query.start_date, end=query.end_date)
+    batches = history.export_batches(user_id=principal.user_id, tx_type=query.type,
+                                     start=query.start_date, end=query.end_date)
 
     def generate():
+        """The header at once, then one chunk per batch of rows."""
         buf = io.StringIO()
         writer = csv.writer(buf)
         writer.writerow(history.CSV_COLUMNS)
-        for row in rows:
-            writer.writerow(row)
-            if buf.tell() > 16384:
-                yield buf.getvalue()
-                buf.seek(0)
-                buf.truncate()
         yield buf.getvalue()
+        for batch in batches:
+            buf.seek(0)
+            buf.truncate()
+            writer.writerows(batch)
+            yield buf.getvalue()
 
     return Response(stream_with_context(generate()), mimetype="text/csv", headers={
         "Content-Disposition": "attachment; filename=transactions.csv"})

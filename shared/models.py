@@ -82,7 +82,20 @@ class Transaction(db.Model):
         # The alert rules count one user's transactions in a time window after every debit:
         # a range of this index instead of all the user's rows (or everyone's in the window).
         Index("ix_transactions_user_created", "user_id", "created_at"),
+        # History pages filtered by type walk this index from the newest.
+        Index("ix_transactions_user_type_seq", "user_id", "type", "seq"),
     )
+
+
+class AccountTxCount(db.Model):
+    """Transactions per (account, type), kept by a database trigger in the inserting commit,
+    so history totals need no scan and rows written by plain SQL are counted too."""
+
+    __tablename__ = "account_tx_counts"
+
+    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    type: Mapped[str] = mapped_column(String(32), primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger, nullable=False)
 
 
 class Verification(db.Model):
@@ -107,6 +120,9 @@ class Verification(db.Model):
         CheckConstraint(_in("status", VERIFICATION_STATUSES), name="status_known"),
         CheckConstraint("cost_cents > 0", name="cost_positive"),
         # The timeout scan reads only pending rows past expiry.
+        # The account timeline pages on these.
+        Index("ix_verifications_user_created", "user_id", "created_at"),
+        Index("ix_verifications_user_updated", "user_id", "updated_at"),
         Index("ix_verifications_pending_expiry", "expires_at",
               postgresql_where=text("status = 'pending'"),
               sqlite_where=text("status = 'pending'")),
@@ -134,6 +150,7 @@ class Notification(db.Model):
     __table_args__ = (
         CheckConstraint(_in("type", NOTIFICATION_TYPES), name="type_known"),
         Index("ix_notifications_user_id_id", "user_id", "id"),
+        Index("ix_notifications_user_created", "user_id", "created_at"),
         Index("ix_notifications_user_unread", "user_id",
               postgresql_where=text("NOT read"), sqlite_where=text("NOT read")),
     )
@@ -225,6 +242,7 @@ class Alert(db.Model):
     __table_args__ = (
         CheckConstraint("status IN ('open', 'acknowledged')", name="status_known"),
         Index("ix_alerts_status_id", "status", "id"),
+        Index("ix_alerts_user_created", "user_id", "created_at"),
         Index("uq_alerts_open_key", "open_key", unique=True,
               postgresql_where=text("status = 'open'"), sqlite_where=text("status = 'open'")),
     )

@@ -17,7 +17,7 @@ ALERT_KEYS = {"id", "user_id", "rule", "transaction_id", "details", "status", "c
 # DESIGN.md adds the monitor's `series`.
 MONITOR_KEYS = {"window_minutes", "total_transactions", "credits_added_cents",
                 "credits_spent_cents", "refunds_issued_cents", "unique_users", "by_type",
-                "recent_transactions"}
+                "recent_transactions", "series", "bucket_minutes"}
 
 
 def monitor(api, **query):
@@ -49,7 +49,7 @@ def test_monitor__totals_by_type_and_users(api):
     r = monitor(api)
     assert r.status_code == 200
     body = r.get_json()
-    assert set(body) == MONITOR_KEYS  # `series` comes with issue 14 (see MONITOR_KEYS)
+    assert set(body) == MONITOR_KEYS
     assert body["window_minutes"] == 60
     assert body["total_transactions"] == 6
     assert body["credits_added_cents"] == 2500

@@ -4,7 +4,8 @@ from __future__ import annotations
 from sqlalchemy import text
 
 TABLES = ("outbox", "alerts", "notifications", "notification_preferences", "verifications",
-          "transactions", "accounts", "reconciliation_runs")
+          "transactions", "accounts", "reconciliation_runs",
+          "account_tx_counts")
 
 
 def empty_tables(app) -> None:
