@@ -39,8 +39,8 @@ def _sources():
             serialize_verification(r)
 
     def note(r):
-        return "notification", str(r.id), f"{r.title} (email {r.email_status})", \
-            notifications.serialize(r)
+        data = notifications.serialize(r)
+        return "notification", str(r.id), f"{r.title} (email {data['email_status']})", data
 
     def alert(r):
         return "alert", str(r.id), f"alert {r.rule} ({r.status})", alerts.serialize(r)
