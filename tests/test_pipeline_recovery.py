@@ -132,7 +132,7 @@ def _wait_done(app, since: float, worker: Worker) -> None:
 def _emails_by_message_id(app, smtp) -> tuple[Counter, set]:
     got = Counter(m.message["Message-ID"] for m in smtp.messages()
                   if str(m.message["Message-ID"]).startswith("<notification-"))
-    want = {f"<notification-{r['id']}@txmon.local>" for r in rows(
+    want = {f"<notification-{r['notification_id']}@txmon.local>" for r in rows(
         app, "SELECT notification_id FROM notification_deliveries"
         " WHERE channel = 'email' AND status = 'sent'")}
     return got, want
