@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import socket
 import threading
 
@@ -35,6 +36,7 @@ AUTH_TIMEOUT_S = 5
 POLICY_VIOLATION = 1008
 TRY_AGAIN_LATER = 1013
 LIVENESS_CHECK_S = 30
+SINCE_SEQ = re.compile(r"[0-9]{1,18}")  # DESIGN.md Realtime: 1-18 digits
 
 
 def _authenticate(ws, role: str) -> Principal | None:
@@ -238,8 +240,8 @@ def _parse_since(ws) -> tuple[bool, int | None]:
     raw = request.args.get("since_seq")
     if raw is None:
         return True, None
-    if not raw.isdigit() or len(raw) > 18:
-        _close(ws, POLICY_VIOLATION, "since_seq must be a non-negative integer")
+    if not SINCE_SEQ.fullmatch(raw):  # isdigit() and int() also take '²' and '١٢'
+        _close(ws, POLICY_VIOLATION, "since_seq must be 1-18 digits")
         return False, None
     return True, int(raw)
 
