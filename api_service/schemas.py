@@ -77,8 +77,8 @@ def _one_address(value: str) -> str:
     """Exactly one deliverable-looking address, by email-validator; no DNS lookup (the main
     app verifies ownership, and a lookup per request would stall on a slow resolver)."""
     try:
-        return validate_email(value, check_deliverability=False,  # admin@localhost is
-                              globally_deliverable=False).normalized  # fine on a private net
+        return validate_email(value, check_deliverability=False,
+                              globally_deliverable=False, test_environment=True).normalized
     except EmailNotValidError as exc:
         raise ValueError(f"must be one email address ({exc})") from None
 
