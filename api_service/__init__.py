@@ -1,7 +1,6 @@
 """txmon's HTTP service: create_app() builds the Flask app (see DESIGN.md for the contract)."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import sys
 import os
@@ -18,11 +17,14 @@ migrate = Migrate(directory=os.path.join(os.path.dirname(__file__), "..", "migra
 
 
 def _rate_key() -> str:
-    # Bucket per credential without keeping the credential itself.
-    cred = request.headers.get("Authorization") or request.headers.get("X-API-Key") or ""
-    if cred:
-        return "cred:" + hashlib.sha256(cred.encode()).hexdigest()[:24]
-    return "addr:" + (request.remote_addr or "unknown")
+    # Per verified principal: header spellings of one token share its bucket. Never raises
+    # (Flask-Limiter would take an exception for a storage outage).
+    from api_service.auth import verified_principal
+
+    principal = verified_principal()
+    if principal is None:
+        return "addr:" + (request.remote_addr or "unknown")
+    return f"{principal.kind}:{principal.user_id or 'service'}"
 
 
 limiter = Limiter(key_func=_rate_key)

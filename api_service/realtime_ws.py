@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import socket
 import threading
 
@@ -35,6 +36,8 @@ AUTH_TIMEOUT_S = 5
 POLICY_VIOLATION = 1008
 TRY_AGAIN_LATER = 1013
 LIVENESS_CHECK_S = 30
+REPLAY_PAGE = 500  # transactions per replay query
+SINCE_SEQ = re.compile(r"[0-9]{1,18}")  # DESIGN.md Realtime: 1-18 digits
 
 
 def _authenticate(ws, role: str) -> Principal | None:
@@ -179,11 +182,19 @@ class UserStream:
             row = conn.execute(select(Account.balance_cents, Account.last_seq)  # must not
                                .where(Account.user_id == self.user_id)).first()  # hold it
             balance, seq = (row.balance_cents, row.last_seq) if row else (0, 0)
-            missed = (self._rows(conn, since_seq, seq)
-                      if since_seq is not None and since_seq < seq else [])
         self.send({"type": "snapshot", "balance_cents": balance, "seq": seq})
-        self._send_rows(missed)
+        if since_seq is not None and since_seq < seq:
+            self._replay(since_seq, seq)
         self.last_seq = seq
+
+    def _replay(self, after: int, upto: int) -> None:
+        """seq after..upto in keyset pages: a long history is never in memory at once, and no
+        connection is held while a page is being sent."""
+        while after < upto:
+            with db.engine.connect() as conn:
+                rows = self._rows(conn, after, min(upto, after + REPLAY_PAGE))
+            self._send_rows(rows)
+            after = min(upto, after + REPLAY_PAGE)
 
     def _rows(self, conn, after: int, upto: int) -> list:
         return conn.execute(select(Transaction.__table__).where(
@@ -204,9 +215,7 @@ class UserStream:
         if seq <= self.last_seq:
             return  # already sent (replay, or gap fill)
         if seq > self.last_seq + 1:
-            with db.engine.connect() as conn:
-                missed = self._rows(conn, self.last_seq, seq - 1)
-            self._send_rows(missed)
+            self._replay(self.last_seq, seq - 1)
         self.send(message)
         self.last_seq = seq
 
@@ -238,8 +247,8 @@ def _parse_since(ws) -> tuple[bool, int | None]:
     raw = request.args.get("since_seq")
     if raw is None:
         return True, None
-    if not raw.isdigit() or len(raw) > 18:
-        _close(ws, POLICY_VIOLATION, "since_seq must be a non-negative integer")
+    if not SINCE_SEQ.fullmatch(raw):  # isdigit() and int() also take '²' and '١٢'
+        _close(ws, POLICY_VIOLATION, "since_seq must be 1-18 digits")
         return False, None
     return True, int(raw)
 

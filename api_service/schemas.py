@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Annotated, Literal, Optional
 
-from pydantic import (AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field,
+import email_validator
+from email_validator import EmailNotValidError, validate_email
+from pydantic import (AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field,
                       StrictBool, StrictInt, StrictStr, StringConstraints, field_validator)
 
 MAX_CENTS = 1_000_000_000
@@ -15,22 +17,74 @@ Id = Annotated[StrictStr, StringConstraints(min_length=1, max_length=64,
 PositiveCents = Annotated[StrictInt, Field(gt=0, le=MAX_CENTS)]
 NonNegativeCents = Annotated[StrictInt, Field(ge=0, le=MAX_CENTS)]
 SignedCents = Annotated[StrictInt, Field(ge=-MAX_CENTS, le=MAX_CENTS)]
-NO_NUL = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL; reject it as bad input
-Text = Annotated[StrictStr, StringConstraints(min_length=1, max_length=200, strip_whitespace=True,
-                                              pattern=NO_NUL)]
-Name = Annotated[StrictStr, StringConstraints(min_length=1, max_length=64, strip_whitespace=True,
-                                              pattern=NO_NUL)]
+# C0, DEL, C1, U+2028/U+2029: a newline in a name would forge a line in the operators' logs,
+# and PostgreSQL text cannot hold NUL.
+NO_CONTROL = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*$"
+
+
+def PlainText(max_length: int, min_length: int = 1):
+    """A text field (DESIGN.md "Text fields"): no control characters, at most ``max_length``."""
+    return Annotated[StrictStr, StringConstraints(min_length=min_length, max_length=max_length,
+                                                  strip_whitespace=True, pattern=NO_CONTROL)]
+
+
+Text = PlainText(200)
+Name = PlainText(64)
 
 
 def _iso_datetime(value):
     """Query dates are ISO 8601 text only (pydantic would also take Unix timestamps)."""
-    if isinstance(value, str) and not re.match(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}", value):
+    if isinstance(value, str) and not re.match(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}",
+                                               value):
         raise ValueError("must be an ISO 8601 date-time with a UTC offset")
     return value
 
 
-IsoDateTime = Annotated[AwareDatetime, BeforeValidator(_iso_datetime)]
-Limit = Annotated[int, Field(ge=1, le=200)]
+def _in_utc_range(value: datetime) -> datetime:
+    """0001-01-01T00:00+14:00 is year 0 in UTC: refuse what UTC cannot hold."""
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:
+        raise ValueError("must lie between years 1 and 9999 in UTC") from None
+
+
+def _ascii_digits(value):
+    """Query integers are 1-18 ASCII digits: int() and isdigit() also take '²' or '١٢'."""
+    if isinstance(value, str) and not re.fullmatch(r"[0-9]{1,18}", value):
+        raise ValueError("must be 1-18 digits 0-9")
+    return value
+
+
+IsoDateTime = Annotated[AwareDatetime, BeforeValidator(_iso_datetime),
+                        AfterValidator(_in_utc_range)]
+
+
+def QueryInt(ge: int, le: int):
+    """A query-string integer in ge..le, written in ASCII digits."""
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_ascii_digits)]
+
+
+Limit = QueryInt(1, 200)
+
+
+# The documented way to allow a special-use name: admin@localhost is legitimate on a
+# private deployment.
+if "localhost" in email_validator.SPECIAL_USE_DOMAIN_NAMES:
+    email_validator.SPECIAL_USE_DOMAIN_NAMES.remove("localhost")
+
+
+def _one_address(value: str) -> str:
+    """Exactly one deliverable-looking address, by email-validator; no DNS lookup (the main
+    app verifies ownership, and a lookup per request would stall on a slow resolver)."""
+    try:
+        return validate_email(value, check_deliverability=False,
+                              globally_deliverable=False, test_environment=True).normalized
+    except EmailNotValidError as exc:
+        raise ValueError(f"must be one email address ({exc})") from None
+
+
+Email = Annotated[StrictStr, Field(max_length=254, json_schema_extra={"format": "email"}),
+                  AfterValidator(_one_address)]
 TransactionType = Literal["credit", "sms_purchase", "verification_refund", "adjustment"]
 
 
@@ -49,12 +103,8 @@ class Query(BaseModel):
 # -- service API ---------------------------------------------------------------------------
 
 class AccountIn(Body):
-    # A light check (one @, no spaces): the main app owns address verification, and
-    # addresses like admin@localhost are legitimate on a private deployment.
-    email: Optional[Annotated[StrictStr, StringConstraints(
-        max_length=254, pattern=r"^[^@ \t\r\n\x00]+@[^@ \t\r\n\x00]+$")]] = None
-    display_name: Optional[Annotated[StrictStr, StringConstraints(max_length=100,
-                                                                  pattern=NO_NUL)]] = None
+    email: Optional[Email] = None
+    display_name: Optional[PlainText(100, min_length=0)] = None
     low_balance_threshold_cents: Optional[NonNegativeCents] = None
 
 
@@ -94,7 +144,7 @@ class EndVerificationIn(Body):
 # -- wallet, notifications, admin ---------------------------------------------------------
 
 class PageQuery(Query):
-    skip: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    skip: QueryInt(0, 1_000_000) = 0
     limit: Limit = 50
 
 
@@ -128,7 +178,7 @@ class PreferencesIn(Body):
 
 
 class MonitorQuery(Query):
-    minutes: Annotated[int, Field(ge=1, le=10080)] = 60
+    minutes: QueryInt(1, 10080) = 60
 
 
 class AlertQuery(Query):
@@ -137,7 +187,7 @@ class AlertQuery(Query):
 
 
 class AcknowledgeIn(Body):
-    note: Optional[Annotated[StrictStr, StringConstraints(max_length=500, pattern=NO_NUL)]] = None
+    note: Optional[PlainText(500, min_length=0)] = None
 
 
 # -- responses (documentation; handlers build plain dicts of the same shape) ---------------

@@ -87,6 +87,11 @@ class Config:
         keys = env.get("TXMON_SERVICE_KEYS", "")
         self.SERVICE_KEYS = [k.strip() for k in keys.split(",") if k.strip()]
         self.JWT_SECRET = env.get("TXMON_JWT_SECRET", "")
+        self.JWT_MAX_TTL_S = _int_env("TXMON_JWT_MAX_TTL_S", 86400)
+        self.JWT_ISSUER = env.get("TXMON_JWT_ISSUER") or None  # set: tokens must carry it
+        self.JWT_AUDIENCE = env.get("TXMON_JWT_AUDIENCE") or None
+        # Failed authentications (bad JWT, wrong X-API-Key) per client address.
+        self.RATELIMIT_AUTH_FAILURES = env.get("TXMON_RATELIMIT_AUTH_FAILURES", "20/minute")
         self._apply_secret_defaults()
 
     def _apply_secret_defaults(self) -> None:
@@ -161,3 +166,5 @@ class TestConfig(Config):
         # Admission control on, its limit above the in-process concurrency tests' thread
         # count (16), so every thread's request is in flight at once.
         self.HTTP_CONCURRENCY = 32
+        # Many tests fail authentication on purpose; the limit's own tests lower it.
+        self.RATELIMIT_AUTH_FAILURES = "100000/minute"

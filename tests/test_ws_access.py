@@ -88,7 +88,7 @@ def test_user_token_on_admin_socket__closed_1008(stack, sockets):
 def test_bad_since_seq__closed_1008(stack, sockets):
     user = uid()
     stack.account(user, 1_000)
-    for since in ("-1", "abc", "1e3"):
+    for since in ("-1", "abc", "1e3", "\u00b2", "\u0661\u0662", "1" * 19, " 1"):
         assert_policy_close(sockets.balance(token=stack.token(user), since=since))
 
 
