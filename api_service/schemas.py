@@ -272,6 +272,14 @@ class DetailedPage(TransactionPage):
     next_cursor: Optional[str]
 
 
+class DeliveryOut(BaseModel):
+    channel: str
+    status: Literal["pending", "sent", "skipped", "failed"]
+    attempts: int
+    last_error: Optional[str]
+    updated_at: datetime
+
+
 class NotificationOut(BaseModel):
     id: int
     type: str
@@ -283,6 +291,7 @@ class NotificationOut(BaseModel):
     read: bool
     created_at: datetime
     email_status: Literal["pending", "sent", "skipped", "failed"]
+    deliveries: list[DeliveryOut]
 
 
 class NotificationPage(BaseModel):
