@@ -11,6 +11,11 @@ log = logging.getLogger("txmon.config")
 ROOT = Path(__file__).resolve().parent.parent
 DEV_JWT_SECRET = "dev-only-jwt-secret-change-me-0123456789"
 DEV_SERVICE_KEY = "dev-service-key"
+TEST_JWT_SECRET = "test-jwt-secret-0123456789abcdef0123"
+TEST_SERVICE_KEY = "test-service-key"
+ENVIRONMENTS = ("development", "test", "production")
+COMMITTED_SECRETS = {DEV_JWT_SECRET, DEV_SERVICE_KEY, TEST_JWT_SECRET, TEST_SERVICE_KEY}
+MIN_JWT_SECRET_BYTES = 32
 
 
 class ConfigError(RuntimeError):
@@ -53,9 +58,14 @@ def _networks_env(name: str, default: str) -> tuple:
 class Config:
     """Settings for a running service; every value comes from the environment."""
 
+    DEFAULT_ENV = "development"
+
     def __init__(self) -> None:
         env = os.environ
-        self.TXMON_ENV = env.get("TXMON_ENV", "development")
+        self.TXMON_ENV = env.get("TXMON_ENV") or self.DEFAULT_ENV
+        if self.TXMON_ENV not in ENVIRONMENTS:
+            raise ConfigError(f"TXMON_ENV must be one of {', '.join(ENVIRONMENTS)}, "
+                              f"got {self.TXMON_ENV!r}; refusing to start")
         self.SQLALCHEMY_DATABASE_URI = normalize_database_url(
             env.get("DATABASE_URL") or f"sqlite:///{ROOT / 'var' / 'txmon.db'}"
         )
@@ -97,19 +107,33 @@ class Config:
     def _apply_secret_defaults(self) -> None:
         missing = [name for name, value in (("TXMON_SERVICE_KEYS", self.SERVICE_KEYS),
                                             ("TXMON_JWT_SECRET", self.JWT_SECRET)) if not value]
+        if self.TXMON_ENV == "production":
+            self._check_production(missing)
+            return
         if not missing:
             return
-        if self.TXMON_ENV == "production":
-            raise ConfigError(
-                "TXMON_ENV=production but " + " and ".join(missing)
-                + " not set; refusing to start with development secrets"
-            )
-        log.warning("Using development defaults for %s (never do this in production)",
-                    ", ".join(missing))
+        if self.TXMON_ENV == "development":
+            log.warning("Using development defaults for %s (never do this in production)",
+                        ", ".join(missing))
         if not self.SERVICE_KEYS:
             self.SERVICE_KEYS = [DEV_SERVICE_KEY]
         if not self.JWT_SECRET:
             self.JWT_SECRET = DEV_JWT_SECRET
+
+    def _check_production(self, missing: list[str]) -> None:
+        """Every problem at once, so an operator fixes the environment in one go."""
+        problems = [f"{name} is not set" for name in missing]
+        if self.JWT_SECRET in COMMITTED_SECRETS:
+            problems.append("TXMON_JWT_SECRET is a committed development value")
+        elif self.JWT_SECRET and len(self.JWT_SECRET.encode()) < MIN_JWT_SECRET_BYTES:
+            problems.append(f"TXMON_JWT_SECRET is under {MIN_JWT_SECRET_BYTES} bytes")
+        if any(k in COMMITTED_SECRETS for k in self.SERVICE_KEYS):
+            problems.append("TXMON_SERVICE_KEYS holds a committed development value")
+        if not self.SMTP_URL:
+            problems.append("SMTP_URL is not set (emails would be written to files)")
+        if problems:
+            raise ConfigError("TXMON_ENV=production: " + "; ".join(problems)
+                              + "; refusing to start")
 
     def as_dict(self) -> dict:
         """Upper-case settings, ready for ``app.config.update``."""
@@ -152,9 +176,11 @@ def engine_options(url: str, *, custom_plans: bool = False,
 class TestConfig(Config):
     """Configuration for the test suite: fixed secrets; rate limits in the test's Redis."""
 
+    DEFAULT_ENV = "test"
+
     def __init__(self, database_url: str | None = None, redis_url: str | None = None) -> None:
-        os.environ.setdefault("TXMON_SERVICE_KEYS", "test-service-key")
-        os.environ.setdefault("TXMON_JWT_SECRET", "test-jwt-secret-0123456789abcdef0123")
+        os.environ.setdefault("TXMON_SERVICE_KEYS", TEST_SERVICE_KEY)
+        os.environ.setdefault("TXMON_JWT_SECRET", TEST_JWT_SECRET)
         super().__init__()
         self.TESTING = True
         if database_url:
