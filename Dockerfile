@@ -1,7 +1,9 @@
 # One image for txmon's api, worker, beat and flower containers (see docker-compose.yml).
 FROM python:3.11-slim
 
-ENV PYTHONDONTWRITEBYTECODE=1 \
+# Production unless a deployment says otherwise: weak or development secrets stop start-up.
+ENV TXMON_ENV=production \
+    PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1

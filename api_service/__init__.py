@@ -74,10 +74,14 @@ def _register_cli(app: Flask) -> None:
     @click.option("--admin", is_flag=True, help="Mint an admin token.")
     @click.option("--hours", default=12, show_default=True, help="Lifetime in hours.")
     def token(user_id: str, admin: bool, hours: int):
-        """Print a development JWT for USER_ID."""
+        """Print a development JWT for USER_ID (refused in production: the main app mints)."""
         from datetime import timedelta
 
         from api_service.auth import mint_token
+
+        if app.config["TXMON_ENV"] == "production":
+            raise click.ClickException("the token command is for development; in production "
+                                       "the main app mints tokens")
 
         click.echo(mint_token(user_id, admin=admin, ttl=timedelta(hours=hours)))
 

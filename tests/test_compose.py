@@ -120,6 +120,11 @@ def environment(service: dict) -> dict[str, str]:
     return {k: str(v) for k, v in env.items()}
 
 
+def interpolate(value: str) -> str:
+    """``value`` as compose would expand it, each ``${NAME...}`` standing for ``<NAME>``."""
+    return re.sub(r"\$\{(\w+)(?::?[?-][^}]*)?\}", lambda m: f"<{m.group(1)}>", value)
+
+
 def gunicorn_bind(env: dict[str, str]) -> str:
     """``bind`` as gunicorn.conf.py computes it under ``env`` (in a separate interpreter, so
     whatever the config imports cannot affect this process)."""
@@ -206,12 +211,42 @@ def test_api_port_matches_the_configuration(services):
     assert published(api).get(API_PORT) == API_PORT
 
 
-def test_flower_port(services):
+def host_ips(service: dict) -> dict[int, str]:
+    """{container port: host address it is published on} ('' = every address)."""
+    out = {}
+    for spec in service.get("ports", []):
+        if isinstance(spec, dict):
+            out[int(spec["target"])] = spec.get("host_ip", "")
+            continue
+        parts = str(spec).split("/")[0].split(":")
+        out[int(parts[-1])] = parts[0] if len(parts) == 3 else ""
+    return out
+
+
+def test_flower__basic_auth_from_the_environment_published_on_loopback_only(services):
     flower = services["flower"]
     cmd = main_command(flower)
     assert option(cmd, "--port") == str(FLOWER_PORT)
-    assert option(cmd, "--address") == "0.0.0.0"
+    assert option(cmd, "--address") == "0.0.0.0", "inside its container, for the compose network"
     assert published(flower).get(FLOWER_PORT) == FLOWER_PORT
+    assert host_ips(flower)[FLOWER_PORT] == "127.0.0.1", "Flower must not face the world"
+    auth = environment(flower).get("FLOWER_BASIC_AUTH", "") or (option(cmd, "--basic-auth") or "")
+    assert auth.startswith("${FLOWER_BASIC_AUTH:?"), f"basic auth required, no default: {auth!r}"
+
+
+def test_prometheus_is_not_published(services):
+    assert not services["prometheus"].get("ports"), "Prometheus has no authentication"
+
+
+def test_no_credential_is_written_into_the_file(services):
+    for name, svc in services.items():
+        for key, value in environment(svc).items():
+            if "PASSWORD" in key or key in ("TXMON_SERVICE_KEYS", "TXMON_JWT_SECRET",
+                                            "FLOWER_BASIC_AUTH"):
+                assert value.startswith("${") and ":?" in value, f"{name}: {key}={value}"
+            if key == "DATABASE_URL":
+                assert urlsplit(interpolate(value)).password == "<POSTGRES_PASSWORD>", value
+                assert "${POSTGRES_PASSWORD:?" in value, f"{name}: {value}"
 
 
 def test_worker_metrics_port_matches_the_worker_code(services):
@@ -237,14 +272,16 @@ def test_app_environment_points_at_the_compose_services(services):
 
     for name in APP_SERVICES:
         env = environment(services[name])
-        db = urlsplit(env["DATABASE_URL"])
+        db = urlsplit(interpolate(env["DATABASE_URL"]))
         assert db.hostname == "postgres" and (db.port or 5432) == 5432, env["DATABASE_URL"]
         assert db.path == "/" + environment(services["postgres"])["POSTGRES_DB"]
-        assert normalize_database_url(env["DATABASE_URL"]).startswith("postgresql+psycopg://")
+        assert normalize_database_url(interpolate(env["DATABASE_URL"])).startswith(
+            "postgresql+psycopg://")
+        assert db.username == environment(services["postgres"])["POSTGRES_USER"]
         redis = urlsplit(env["REDIS_URL"])
         assert redis.hostname == "redis" and (redis.port or 6379) == 6379
         assert env["TXMON_ENV"] == "production"
-        for secret in ("TXMON_SERVICE_KEYS", "TXMON_JWT_SECRET"):
+        for secret in ("TXMON_SERVICE_KEYS", "TXMON_JWT_SECRET", "SMTP_URL"):
             assert env[secret].startswith("${" + secret), f"{name}: {secret} must come from ${{...}}"
 
 
@@ -299,6 +336,11 @@ def dockerfile() -> list[tuple[str, str]]:
     return out
 
 
+def test_dockerfile_runs_in_production():
+    env = " ".join(a for i, a in dockerfile() if i == "ENV")
+    assert re.search(r"\bTXMON_ENV=production\b", env), env
+
+
 def test_dockerfile_installs_base_requirements_and_copies_the_code(services):
     steps = dockerfile()
     assert steps[0][0] == "FROM" and steps[0][1].startswith("python:3.11")
@@ -308,8 +350,7 @@ def test_dockerfile_installs_base_requirements_and_copies_the_code(services):
     for instr, args in steps:
         if instr == "COPY":
             copied.update(p.rstrip("/") for p in args.split()[:-1])
-    if "." in copied:
-        return  # the whole repository
+    assert "." not in copied, "COPY . would put a local .venv/ or var/ into the image"
     # Everything the commands run must be in the image: the packages they import, the
     # migrations, gunicorn.conf.py and the requirements.
     needed = {"requirements", "migrations", "gunicorn.conf.py"}

@@ -60,3 +60,26 @@ def test_celery_worker_process_refuses_an_unknown_env():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "TXMON_ENV must be one of" in out.stdout + out.stderr
+
+
+def _token_command(tmp_path, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flask", "--app", "api_service", "token", "ann"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=clean_env(DATABASE_URL=f"sqlite:///{tmp_path}/t.db", **env))
+
+
+def test_token_command__mints_in_development(tmp_path):
+    import jwt
+
+    out = _token_command(tmp_path, TXMON_ENV="development")
+    assert out.returncode == 0, out.stderr
+    claims = jwt.decode(out.stdout.strip().splitlines()[-1], DEV_JWT_SECRET, algorithms=["HS256"],
+                        options={"verify_aud": False})
+    assert claims["sub"] == "ann" and claims["role"] == "user"
+
+
+def test_token_command__refused_in_production(tmp_path):
+    out = _token_command(tmp_path, **PRODUCTION)
+    assert out.returncode != 0
+    assert "the token command is for development" in out.stderr
+    assert out.stdout.strip() == "", "no token may be printed"
