@@ -12,7 +12,7 @@ WORKDIR /app
 
 # Dependencies first, so code changes do not reinstall them.
 COPY requirements/ requirements/
-RUN pip install -r requirements/base.txt
+RUN pip install --require-hashes -r requirements/base.lock
 
 # The application. Copied by name rather than `COPY . .`, so a local .venv/ or var/ never
 # ends up in the image.

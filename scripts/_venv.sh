@@ -1,5 +1,5 @@
-# Sourced by scripts/run and scripts/test: make .venv and install the pinned requirements
-# once (again only when a requirements file changed).
+# Sourced by scripts/run and scripts/test: make .venv and install the hash-pinned lock file
+# (requirements/<set>.lock, made by pip-compile from <set>.in) once, again only when one changed.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
@@ -10,11 +10,11 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 STAMP="$VENV/.txmon-$REQ.sha"
-SUM="$(cat "$ROOT"/requirements/*.txt | sha256sum | cut -d' ' -f1)"
+SUM="$(cat "$ROOT"/requirements/*.lock | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$SUM" ]; then
-  echo "txmon: installing requirements/$REQ.txt"
+  echo "txmon: installing requirements/$REQ.lock"
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$ROOT/requirements/$REQ.txt"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --require-hashes -r "$ROOT/requirements/$REQ.lock"
   echo "$SUM" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
