@@ -19,13 +19,18 @@ NonNegativeCents = Annotated[StrictInt, Field(ge=0, le=MAX_CENTS)]
 SignedCents = Annotated[StrictInt, Field(ge=-MAX_CENTS, le=MAX_CENTS)]
 # C0, DEL, C1, U+2028/U+2029: a newline in a name would forge a line in the operators' logs,
 # and PostgreSQL text cannot hold NUL.
-NO_CONTROL = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*$"
+_CHAR = r"[^\x00-\x1f\x7f-\x9f\u2028\u2029]"
+NO_CONTROL = rf"^{_CHAR}*$"
+# Required text: at least one character that stripping leaves (the schema says so too).
+NO_CONTROL_NOT_BLANK = rf"^{_CHAR}*[^\s\x00-\x1f\x7f-\x9f\u2028\u2029]{_CHAR}*$"
 
 
 def PlainText(max_length: int, min_length: int = 1):
     """A text field (DESIGN.md "Text fields"): no control characters, at most ``max_length``."""
     return Annotated[StrictStr, StringConstraints(min_length=min_length, max_length=max_length,
-                                                  strip_whitespace=True, pattern=NO_CONTROL)]
+                                                  strip_whitespace=True,
+                                                  pattern=NO_CONTROL_NOT_BLANK if min_length
+                                                  else NO_CONTROL)]
 
 
 Text = PlainText(200)

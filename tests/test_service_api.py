@@ -504,11 +504,18 @@ def test_complete__after_cancel_or_fail__409_invalid_state(api, ending):
 
 
 def test_complete__after_timed_out__409_invalid_state(api, app):
+    from sqlalchemy import text
+
     from shared import ledger
+    from shared.db import db
 
     api.account("u1", 2000)
     api.purchase("u1", 150, vid="v1")
     with app.app_context():
+        # The workers refund only after expires_at: move it into the past first.
+        db.session.execute(text("UPDATE verifications SET expires_at = created_at "
+                                "WHERE id = 'v1'"))
+        db.session.commit()
         ledger.refund_verification(verification_id="v1", status="timed_out")
     assert_error(end(api, "v1", "complete"), 409, "invalid_state")
     assert_error(end(api, "v1", "cancel"), 409, "invalid_state")
