@@ -194,3 +194,4 @@ class TestConfig(Config):
         self.HTTP_CONCURRENCY = 32
         # Many tests fail authentication on purpose; the limit's own tests lower it.
         self.RATELIMIT_AUTH_FAILURES = "100000/minute"
+        self.RATELIMIT_USER = "100000/minute"  # a test module's calls share one key

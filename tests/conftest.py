@@ -79,7 +79,14 @@ def _clean_tables(request):
     if "app" not in request.fixturenames:
         yield
         return
-    empty_tables(request.getfixturevalue("app"))
+    app = request.getfixturevalue("app")
+    empty_tables(app)
+    # Each test starts with fresh rate-limit buckets: the service key's bucket would
+    # otherwise fill with every earlier test's calls.
+    from api_service import limiter
+
+    with app.app_context():
+        limiter.reset()
     yield
 
 
