@@ -59,6 +59,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     for bp in (ops.bp, service_api.bp, wallet.bp, notifications_api.bp, admin.bp):
         app.register_blueprint(bp)
     metrics.init_app(app)
+    # simple-websocket closes with 1009 past this, the auth window included.
+    app.config.setdefault("SOCK_SERVER_OPTIONS",
+                          {"max_message_size": realtime_ws.MAX_MESSAGE_BYTES})
     realtime_ws.sock.init_app(app)
     _register_cli(app)
     from api_service.admission import Admission

@@ -23,6 +23,7 @@ USER_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # DESIGN.md's id alphabet
 class Principal:
     kind: str  # "service", "user" or "admin"
     user_id: str | None = None
+    expires_at: float | None = None  # the token's exp (epoch s); a websocket closes then
 
 
 def mint_token(user_id: str, *, admin: bool = False, ttl: timedelta = timedelta(hours=12),
@@ -57,7 +58,7 @@ def decode_token(token: str) -> Principal:
     sub, role = claims.get("sub"), claims.get("role", "user")
     if not isinstance(sub, str) or not USER_ID.fullmatch(sub) or role not in ROLES:
         raise Unauthorized("The token's claims are invalid.")
-    return Principal(role, sub)
+    return Principal(role, sub, float(exp))
 
 
 def _service_key_ok(key: str) -> bool:
@@ -82,7 +83,7 @@ def _failures_limit():
     return parse(current_app.config["RATELIMIT_AUTH_FAILURES"])
 
 
-def _refuse_blocked_address() -> None:
+def refuse_blocked_address() -> None:
     """429 before any check once this address failed too often (so guessing learns nothing)."""
     from api_service import limiter
 
@@ -95,7 +96,7 @@ def _refuse_blocked_address() -> None:
         raise RateLimited("Too many failed authentications from this address.")
 
 
-def _count_failure() -> None:
+def count_failure() -> None:
     from api_service import limiter
 
     try:
@@ -125,13 +126,13 @@ def verified_principal() -> Principal | None:
     None when the credentials fail, which is counted against the client address."""
     if "txmon_auth" not in g:
         try:
-            _refuse_blocked_address()
+            refuse_blocked_address()
             g.txmon_auth = (_verify(), None)
         except RateLimited as exc:
             g.txmon_auth = (None, exc)
         except Unauthorized as exc:
             if request.headers.get("X-API-Key") is not None or "Authorization" in request.headers:
-                _count_failure()
+                count_failure()
             g.txmon_auth = (None, exc)
     return g.txmon_auth[0]
 

@@ -47,8 +47,8 @@ def field_errors(exc: PydanticError) -> list[dict]:
 
 def _json_body(model: type[BaseModel]) -> BaseModel:
     raw = request.get_data(cache=False)
-    if not raw.strip() and not any(f.is_required() for f in model.model_fields.values()):
-        return model()  # an optional-only body may be left out entirely
+    if not raw and not any(f.is_required() for f in model.model_fields.values()):
+        return model()  # an optional-only body may be left out entirely (whitespace is not JSON)
     try:
         return model.model_validate_json(raw)
     except PydanticError as exc:

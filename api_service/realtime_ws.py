@@ -15,16 +15,20 @@ import queue
 import re
 import socket
 import threading
+import time
+import uuid
+
+import redis
 
 from flask import current_app, request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 from sqlalchemy import select
 
-from api_service.auth import Principal, decode_token
+from api_service.auth import Principal, count_failure, decode_token, refuse_blocked_address
 from api_service.hub import Subscriber, hub_for
 from shared.db import db
-from shared.errors import Unauthorized
+from shared.errors import RateLimited, Unauthorized
 from shared.ledger import serialize_transaction
 from shared.metrics import WS_CLOSED_SLOW, WS_OPEN
 from shared.models import Account, Transaction
@@ -38,10 +42,96 @@ TRY_AGAIN_LATER = 1013
 LIVENESS_CHECK_S = 30
 REPLAY_PAGE = 500  # transactions per replay query
 SINCE_SEQ = re.compile(r"[0-9]{1,18}")  # DESIGN.md Realtime: 1-18 digits
+MAX_MESSAGE_BYTES = 4096  # a larger client message closes the socket with 1009 (the library)
+LEASE_S = 3 * LIVENESS_CHECK_S  # a socket's slot outlives a crashed process by this at most
+
+
+class SocketLeases:
+    """At most ``limit`` sockets per caller across every API process.
+
+    Each socket holds a lease in the Redis sorted set ``txmon:ws:leases:<kind>:<id>``
+    (member: the socket's id, score: when the lease ends), renewed while it lives and removed
+    when it closes; a process that dies leaves leases that lapse within LEASE_S. With Redis
+    unreachable the cap counts this process's sockets only: the limit must not need Redis up.
+    """
+
+    _ACQUIRE = """
+    local now = tonumber(redis.call('TIME')[1])
+    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+    if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+    redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+    return 1
+    """
+
+    def __init__(self, redis_url: str):
+        self.client = redis.Redis.from_url(redis_url, socket_connect_timeout=1,
+                                           socket_timeout=1)
+        self.acquire_script = self.client.register_script(self._ACQUIRE)
+        self.local: dict[str, int] = {}  # this process's sockets per key
+        self.lock = threading.Lock()
+
+    def acquire(self, key: str, lease: str, limit: int) -> bool:
+        with self.lock:
+            local = self.local.get(key, 0)
+            if local >= limit:
+                return False
+            self.local[key] = local + 1
+        try:
+            ok = bool(self.acquire_script(keys=[f"txmon:ws:leases:{key}"],
+                                          args=[lease, limit, LEASE_S]))
+        except redis.RedisError:
+            log.warning("Socket leases unreachable; capping sockets per process")
+            ok = True
+        if not ok:
+            self._forget(key)
+        return ok
+
+    def renew(self, key: str, lease: str) -> None:
+        try:
+            now = self.client.time()[0]
+            pipe = self.client.pipeline()
+            pipe.zadd(f"txmon:ws:leases:{key}", {lease: now + LEASE_S}, xx=True)
+            pipe.expire(f"txmon:ws:leases:{key}", LEASE_S)
+            pipe.execute()
+        except redis.RedisError:
+            pass  # the next renewal tries again
+
+    def release(self, key: str, lease: str) -> None:
+        self._forget(key)
+        try:
+            self.client.zrem(f"txmon:ws:leases:{key}", lease)
+        except redis.RedisError:
+            pass  # lapses within LEASE_S
+
+    def _forget(self, key: str) -> None:
+        with self.lock:
+            left = self.local.get(key, 1) - 1
+            if left > 0:
+                self.local[key] = left
+            else:
+                self.local.pop(key, None)
+
+
+_leases: dict[str, SocketLeases] = {}
+_leases_lock = threading.Lock()
+
+
+def leases_for(redis_url: str) -> SocketLeases:
+    with _leases_lock:
+        if redis_url not in _leases:
+            _leases[redis_url] = SocketLeases(redis_url)
+        return _leases[redis_url]
 
 
 def _authenticate(ws, role: str) -> Principal | None:
-    """The caller from ?token= or a first auth message; closes with 1008 and returns None."""
+    """The caller from ?token= or a first auth message; closes with 1008 and returns None.
+    A bad token counts against the address like a failed HTTP authentication does."""
+    try:
+        refuse_blocked_address()
+    except RateLimited as exc:
+        _close(ws, POLICY_VIOLATION, exc.message)
+        return None
     token = request.args.get("token")
     if token is None:
         try:
@@ -59,6 +149,8 @@ def _authenticate(ws, role: str) -> Principal | None:
             raise Unauthorized("admin token required")
         return principal
     except Unauthorized as exc:
+        if isinstance(token, str) and token:
+            count_failure()
         _close(ws, POLICY_VIOLATION, exc.message)
         return None
 
@@ -220,16 +312,31 @@ class UserStream:
         self.last_seq = seq
 
 
-def _pump(ws, sub: Subscriber, on_message, on_resync) -> None:
-    """Drain the subscriber's queue to the socket until it closes or falls behind."""
+def _pump(ws, sub: Subscriber, on_message, on_resync, *, expires_at: float | None,
+          renew) -> None:
+    """Drain the subscriber's queue to the socket until it closes, falls behind or its token
+    expires; ``renew`` (the socket's lease) runs every LIVENESS_CHECK_S."""
     signal = ws.event = _InputSignal(sub)
     signal.set()  # whatever arrived before the swap
+    next_renew = time.monotonic() + LIVENESS_CHECK_S
     while True:
+        wait = max(0.0, next_renew - time.monotonic())
+        if expires_at is not None:
+            left = expires_at - time.time()
+            if left <= 0:
+                _close(ws, POLICY_VIOLATION, "token expired")
+                return
+            wait = min(wait, left)
         try:
-            kind, payload = sub.queue.get(timeout=LIVENESS_CHECK_S)
+            kind, payload = sub.queue.get(timeout=wait)
         except queue.Empty:  # a safety net: the library ends a connection between wake-ups
             if not ws.connected:
                 return
+            kind = None
+        if time.monotonic() >= next_renew:
+            renew()
+            next_renew = time.monotonic() + LIVENESS_CHECK_S
+        if kind is None:
             continue
         if sub.slow:
             _close(ws, TRY_AGAIN_LATER, "too slow; reconnect with since_seq")
@@ -261,19 +368,15 @@ def balance_socket(ws):
     principal = _authenticate(ws, "user") if ok else None
     if principal is None:
         return
-    sub = Subscriber(user_id=principal.user_id, maxsize=current_app.config["WS_QUEUE_SIZE"],
-                     on_slow=_force_close_later(ws))
-    hub = hub_for(current_app.config["REDIS_URL"])
-    hub.add(sub)
-    WS_OPEN.inc()
-    try:
-        stream = UserStream(ws, principal.user_id, hub)
-        stream.sync(since)
-        _pump(ws, sub, stream.deliver, stream.resync)
-    except (ConnectionClosed, OSError):
-        pass
-    finally:
-        _closed(hub, sub)
+
+    def stream(sub, hub, renew):
+        user_stream = UserStream(ws, principal.user_id, hub)
+        user_stream.sync(since)
+        _pump(ws, sub, user_stream.deliver, user_stream.resync,
+              expires_at=principal.expires_at, renew=renew)
+
+    _serve(ws, principal, Subscriber(user_id=principal.user_id, maxsize=_queue_size(),
+                                     on_slow=_force_close_later(ws)), stream)
 
 
 @sock.route("/ws/admin")
@@ -283,23 +386,39 @@ def admin_socket(ws):
     principal = _authenticate(ws, "admin")
     if principal is None:
         return
-    sub = Subscriber(user_id=None, admin=True, maxsize=current_app.config["WS_QUEUE_SIZE"],
-                     on_slow=_force_close_later(ws))
-    hub = hub_for(current_app.config["REDIS_URL"])
+
+    def stream(sub, _hub, renew):
+        ws.send(json.dumps({"type": "hello", "role": "admin"}))
+        _pump(ws, sub, lambda m: ws.send(json.dumps(m)),
+              lambda _gen: ws.send(json.dumps({"type": "resync"})),
+              expires_at=principal.expires_at, renew=renew)
+
+    _serve(ws, principal, Subscriber(user_id=None, admin=True, maxsize=_queue_size(),
+                                     on_slow=_force_close_later(ws)), stream)
+
+
+def _queue_size() -> int:
+    return current_app.config["WS_QUEUE_SIZE"]
+
+
+def _serve(ws, principal: Principal, sub: Subscriber, stream) -> None:
+    """Take one of the caller's socket leases, register with the hub, run ``stream``."""
+    cfg = current_app.config
+    leases = leases_for(cfg["REDIS_URL"])
+    key, lease = f"{principal.kind}:{principal.user_id}", uuid.uuid4().hex
+    if not leases.acquire(key, lease, cfg["WS_MAX_PER_USER"]):
+        _close(ws, POLICY_VIOLATION, f"at most {cfg['WS_MAX_PER_USER']} sockets per user")
+        return
+    hub = hub_for(cfg["REDIS_URL"])
     hub.add(sub)
     WS_OPEN.inc()
     try:
-        ws.send(json.dumps({"type": "hello", "role": "admin"}))
-        _pump(ws, sub, lambda m: ws.send(json.dumps(m)),
-              lambda _gen: ws.send(json.dumps({"type": "resync"})))
+        stream(sub, hub, lambda: leases.renew(key, lease))
     except (ConnectionClosed, OSError):
         pass
     finally:
-        _closed(hub, sub)
-
-
-def _closed(hub, sub: Subscriber) -> None:
-    hub.remove(sub)
-    WS_OPEN.dec()
-    if sub.slow:
-        WS_CLOSED_SLOW.inc()
+        hub.remove(sub)
+        WS_OPEN.dec()
+        if sub.slow:
+            WS_CLOSED_SLOW.inc()
+        leases.release(key, lease)

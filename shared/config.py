@@ -82,6 +82,7 @@ class Config:
         self.CELERY_BROKER_URL = env.get("CELERY_BROKER_URL") or None
         self.CELERY_PREFETCH = _int_env("CELERY_PREFETCH", 4)
         self.WS_QUEUE_SIZE = _int_env("TXMON_WS_QUEUE_SIZE", 256)
+        self.WS_MAX_PER_USER = _int_env("TXMON_WS_MAX_PER_USER", 5)  # open sockets per caller
         # Plain HTTP requests running at once per API process; websockets are not counted
         # (api_service/admission.py). 0: no limit.
         self.HTTP_CONCURRENCY = _int_env("TXMON_HTTP_CONCURRENCY", 2)

@@ -61,6 +61,17 @@ def test_text_fields__ordinary_unicode_is_kept(api):
     assert r.get_json()["verification"]["service_name"] == "Télégram ✓"
 
 
+@pytest.mark.parametrize("body", [b"\t", b" ", b"\r\n", b"null", b"[]"])
+def test_optional_only_body__whitespace_or_not_an_object__400_and_nothing_changes(api, body):
+    """Only an absent body means "no fields"; whitespace is not a JSON document."""
+    user = api.user("prefs-ws")
+    before = api.client.get("/api/notifications/preferences", headers=user).get_json()
+    r = api.client.put("/api/notifications/preferences", data=body,
+                       headers={**user, "Content-Type": "application/json"})
+    assert_error(r, 400, "bad_request")
+    assert api.client.get("/api/notifications/preferences", headers=user).get_json() == before
+
+
 @pytest.mark.parametrize("email", ["victim@example.test,attacker@evil.example",
                                    "victim@example.test attacker@evil.example",
                                    "victim@example.test\nBcc: attacker@evil.example",

@@ -27,6 +27,8 @@ def stack(app, database_url, tmp_path_factory):
     with running_stack(app, database_url, tmp_path_factory, "ws-resilience",
                        web_workers=WEB_WORKERS,
                        env={"TXMON_WS_QUEUE_SIZE": str(QUEUE_SIZE),
+                            # many sockets of one user; the cap has tests of its own
+                            "TXMON_WS_MAX_PER_USER": "1000",
                             "TXMON_ALERT_RAPID_COUNT": "100000"}) as s:
         warm_up(s)
         yield s

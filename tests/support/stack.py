@@ -51,7 +51,9 @@ class Stack:
                            PORT=self.port, TXMON_BIND="127.0.0.1", TXMON_WORKER_CLASS="gevent",
                            TXMON_WEB_WORKERS=web_workers, TXMON_ACCESS_LOG=self.access_log,
                            TXMON_WORKER_METRICS_PORT=0, TXMON_DB_POOL_SIZE=5,
-                           TXMON_PUBLIC_URL=self.base)
+                           TXMON_PUBLIC_URL=self.base,
+                           # bad-token tests would lock 127.0.0.1 out of the rest of a module
+                           TXMON_RATELIMIT_AUTH_FAILURES="100000/minute")
         self.env.update(env or {})
         self._local = threading.local()
         self.tokens: list[str] = []  # every token handed out, for the never-logged check
@@ -77,8 +79,8 @@ class Stack:
         try:
             while True:
                 client = Client(f"{self.ws_base}/ws/balance?since_seq=0")
-                opened.append(client)
-                client.send_json({"type": "auth", "token": self.token("warm-up")})
+                opened.append(client)  # one user each: a user holds at most 5 sockets
+                client.send_json({"type": "auth", "token": self.token(f"warm-up-{len(opened)}")})
                 assert client.recv()["type"] == "snapshot"
                 per = connections_by_worker(self, [])
                 if len(per) == self.web_workers and all(
