@@ -48,8 +48,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     migrate.init_app(app, db)
     limiter.init_app(app)
 
-    from api_service import (admin, errors, metrics, notifications_api, ops, realtime_ws,
-                             service_api, wallet)
+    from api_service import (admin, errors, metrics, notifications_api, ops, pages,
+                             realtime_ws, service_api, wallet)
 
     errors.init_app(app)
     for bp in (wallet.bp, notifications_api.bp, admin.bp):
@@ -58,6 +58,8 @@ def create_app(test_config: dict | None = None) -> Flask:
         limiter.exempt(bp)
     for bp in (ops.bp, service_api.bp, wallet.bp, notifications_api.bp, admin.bp):
         app.register_blueprint(bp)
+    pages.init_app(app)
+    limiter.exempt(pages.bp)
     metrics.init_app(app)
     # simple-websocket closes with 1009 past this, the auth window included.
     app.config.setdefault("SOCK_SERVER_OPTIONS",

@@ -123,6 +123,21 @@ def outbox_status(principal):
     return jsonify(outbox.stats())
 
 
+class DeadQuery(s.Query):
+    limit: s.Limit = 50
+
+
+class DeadOut(BaseModel):
+    rows: list[OutboxRowOut]
+
+
+@bp.get("/outbox/dead")
+@operation("Dead letters (rows whose attempts are spent), newest first", auth_as="admin",
+           query=DeadQuery, tags=TAGS, responses={200: DeadOut})
+def outbox_dead(principal, query):
+    return jsonify({"rows": [outbox.serialize(r) for r in outbox.dead_rows(limit=query.limit)]})
+
+
 @bp.post("/outbox/<int(min=1, max=9223372036854775807):outbox_id>/retry")
 @operation("Re-drive a dead outbox row", auth_as="admin", tags=TAGS,
            responses={200: OutboxRowOut, 404: s.ErrorOut, 409: s.ErrorOut})

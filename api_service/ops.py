@@ -9,6 +9,7 @@ from sqlalchemy import text
 
 from api_service import schemas as s
 from api_service.contract import openapi_document, operation
+from shared import health
 from shared.db import db
 from shared.redis_client import client
 
@@ -59,14 +60,18 @@ def _check() -> tuple[dict, int]:
         checks["database"] = "ok"
     except Exception as exc:  # any failure means not ready; the kind is enough to report
         checks["database"] = f"error: {type(exc).__name__}"
+    workers = None
     try:
-        client(current_app.config["REDIS_URL"]).ping()
+        redis_client = client(current_app.config["REDIS_URL"])
+        redis_client.ping()
         checks["redis"] = "ok"
+        workers = health.workers_alive(redis_client)
     except Exception as exc:
         checks["redis"] = f"error: {type(exc).__name__}"
     ready = all(v == "ok" for v in checks.values())
-    return ({"status": "ready" if ready else "unavailable", "checks": checks},
-            200 if ready else 503)
+    # Workers do not decide the API's readiness (it serves without them); the count is shown.
+    return ({"status": "ready" if ready else "unavailable", "checks": checks,
+             "workers": workers}, 200 if ready else 503)
 
 
 @bp.get("/openapi.json")

@@ -364,3 +364,4 @@ class ReconciliationOut(BaseModel):
 class StatusOut(BaseModel):
     status: str
     checks: dict[str, str] = {}
+    workers: int | None = None  # /readyz: worker processes that beat within 15 s

@@ -319,6 +319,13 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
+def dead_rows(*, limit: int = 50) -> list:
+    """The most recent dead letters (ix_outbox_dead), newest first."""
+    with db.engine.connect() as conn:
+        return conn.execute(select(outbox_table).where(o.dead_at.is_not(None))
+                            .order_by(o.dead_at.desc(), o.id.desc()).limit(limit)).all()
+
+
 def retry_dead(*, outbox_id: int):
     """Re-drive a dead row: due now, with a fresh set of attempts. Returns the row; raises
     NotFound, or InvalidState when the row is not dead."""

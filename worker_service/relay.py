@@ -146,6 +146,7 @@ class Relay:
         if not self.listen and time.monotonic() - self.lapsed_at >= LAPSED_EVERY_S:
             self.lapsed_at = time.monotonic()
             drain(self.celery_app, lapsed=True, **self.which)
+            _heartbeat()
 
     def _serve(self) -> None:
         from shared.db import db
@@ -175,6 +176,18 @@ class Relay:
                     for follower in self.followers:
                         follower.wake()
                     self._drain()
+
+
+def _heartbeat() -> None:
+    from flask import current_app
+
+    from shared import health
+    from shared.redis_client import client
+
+    try:
+        health.beat(client(current_app.config["REDIS_URL"]))
+    except Exception:  # Redis away: the worker still relays; the home page shows it missing
+        pass
 
 
 class OutboxRelayStep(bootsteps.StartStopStep):
