@@ -136,20 +136,42 @@ def test_countdown_batch__refunds_each_row_at_its_expiry__nothing_early(app, api
     assert invariant_violations(app) == []
 
 
-def test_broker_qos__ack_on_a_torn_down_channel_is_logged_not_fatal(caplog):
-    """kombu raises AttributeError when a task finished during a Redis outage is
-    acknowledged on the old channel after the reconnect; Celery would treat that as
-    unrecoverable and stop the worker (and its relay). worker_service.broker logs it."""
-    from worker_service.broker import QoS
+def test_redis_killed_while_a_task_runs__worker_survives_and_takes_new_work(
+        app, api, workers, smtp, redis_server):
+    """kombu's Redis QoS fails on the connection Redis dropped: handing the taken messages
+    back at the teardown, and acknowledging on the old channel a task that finished after
+    the reconnect (AttributeError both). Celery would treat either as unrecoverable and
+    stop the worker (and its relay); worker_service.broker logs them. Redis is SIGKILLed
+    while an email task is inside SMTP DATA and restarts empty; the task finishes after the
+    worker has reconnected. The worker's main process stays up and delivers a credit made
+    after; the email whose message Redis lost is sent too (its outbox lease lapses)."""
+    from tests.support.workers import email_statuses
 
-    class TornDownChannel:
-        do_restore = False
+    smtp.hold_next = 1
+    worker = workers.start(smtp=smtp)
+    main_pid = worker.pid
+    api.account("qos-1", 1000, email="qos-1@example.com")
+    wait_until(smtp.holding.is_set, timeout=30, message="the email task inside SMTP DATA")
+    connected = len(worker.lines(r"INFO/MainProcess\] Connected to "))
 
-        def conn_or_acquire(self, client=None):
-            raise AttributeError("'NoneType' object has no attribute 'client'")
+    redis_server.kill()
+    redis_server.start()  # empty: what it held is gone
+    wait_until(lambda: len(worker.lines(r"INFO/MainProcess\] Connected to ")) > connected,
+               timeout=60,
+               message=lambda: f"the worker reconnecting; log tail:\n{worker.log()[-3000:]}")
+    smtp.release()  # the held task ends now, on a channel whose connection is gone
+    wait_until(lambda: worker.lines(r"Could not acknowledge a message on a closed broker "
+                                    r"connection"), timeout=90,
+               message=lambda: f"the old channel's acknowledgement logged; log tail:\n"
+                               f"{worker.log()[-3000:]}")
+    assert worker.lines(r"Could not hand \d+ unacknowledged message\(s\) back to Redis")
 
-    qos = QoS(TornDownChannel())
-    with caplog.at_level("WARNING", logger="txmon.broker"):
-        assert qos.ack("tag-1") is None
-        assert qos.reject("tag-2", requeue=False) is None
-    assert len([r for r in caplog.records if "closed broker connection" in r.message]) == 2
+    api.account("qos-2", 500, email="qos-2@example.com")
+    wait_until(lambda: smtp.messages(to="qos-2@example.com"), timeout=90,
+               message=lambda: f"the credit after the outage delivered; log tail:\n"
+                               f"{worker.log()[-3000:]}")
+    wait_until(lambda: set(email_statuses(app).values()) == {"sent"}, timeout=90,
+               message=lambda: f"every email sent ({email_statuses(app)}); log tail:\n"
+                               f"{worker.log()[-3000:]}")
+    assert worker.proc.poll() is None and worker.pid == main_pid, worker.log()[-3000:]
+    assert not worker.lines(r"Unrecoverable error|CRITICAL/MainProcess"), worker.log()[-3000:]

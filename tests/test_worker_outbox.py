@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 
 import pytest
 
@@ -35,48 +34,91 @@ def _write_rows(app, task: str, payloads: list[dict]) -> None:
         outbox.write(conn, [outbox.message(task, None, now, **p) for p in payloads])
 
 
-def test_two_relays_concurrently_never_send_a_row_twice(app, database_url):
+def _queued_outbox_ids(redis_server, queue: str) -> list[list[int]]:
+    """``outbox_ids`` of every task message waiting in ``queue``: kombu's Redis transport
+    keeps a queue as a Redis list of that name, one JSON envelope per message whose body
+    (base64) is Celery's ``[args, kwargs, embed]``."""
+    import base64
+    import json
+
+    found = []
+    with redis_server.client() as r:
+        for raw in r.lrange(queue, 0, -1):
+            envelope = json.loads(raw)
+            body = envelope["body"]
+            if envelope["properties"].get("body_encoding") == "base64":
+                body = base64.b64decode(body)
+            found.append(json.loads(body)[1]["outbox_ids"])
+    return found
+
+
+def test_two_relays_concurrently_never_send_a_row_twice(app, database_url, redis_server):
+    """Two relays, each with its own Celery app configured like a worker's, claim the same
+    backlog at once and dispatch it through the relay's own dispatcher onto a real Redis;
+    the queue then holds every row exactly once."""
     _postgres_only(database_url)
     from shared import outbox
+    from tests.support.workers import celery_publisher
+    from worker_service.relay import dispatcher
 
+    if not redis_server.ping():  # an earlier test left it stopped
+        redis_server.start()
+    redis_server.client().flushall()
+    task = "txmon.realtime.publish_alert"
+    queue = outbox.HANDLERS[task].queue
     n = 3000
-    _write_rows(app, "txmon.realtime.publish_alert", [{"n": i} for i in range(n)])
+    _write_rows(app, task, [{"n": i} for i in range(n)])
     with app.app_context():
         assert outbox.backlog() == n
+    ids = {r["id"] for r in rows(app, "SELECT id FROM outbox")}
 
-    sent: dict[int, list[int]] = {0: [], 1: []}
+    claimed: dict[int, list[int]] = {0: [], 1: []}
     errors: list[BaseException] = []
     barrier = threading.Barrier(2, timeout=30)
+    apps = [celery_publisher(redis_server.url()) for _ in (0, 1)]
 
     def relay(k: int) -> None:
-        def send(claimed):
-            for row in claimed:
-                sent[k].append(row.payload["n"])
-                time.sleep(0.0002)  # a publish takes a moment: widen the overlap
+        send = dispatcher(apps[k])
+
+        def dispatch(rows_claimed):
+            claimed[k].extend(row.id for row in rows_claimed)
+            send(rows_claimed)
 
         try:
             with app.app_context():
                 barrier.wait()
-                while outbox.claim_and_dispatch(send, limit=50 + 25 * k):
+                while outbox.claim_and_dispatch(dispatch, limit=50 + 25 * k):
                     pass
         except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=relay, args=(k,)) for k in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        for celery_app in apps:
+            celery_app.close()
+    assert not any(t.is_alive() for t in threads)
     assert errors == []
-    everything = sent[0] + sent[1]
-    assert len(everything) == len(set(everything)), "a row was sent twice"
-    assert sorted(everything) == list(range(n))
-    assert sent[0] and sent[1], "both relays should have taken a share"
+    assert claimed[0] and claimed[1], "both relays should have taken a share"
+    messages = _queued_outbox_ids(redis_server, queue)
+    assert all(len(batch) <= outbox.BATCH_MAX for batch in messages)
+    sent = [i for batch in messages for i in batch]
+    assert len(sent) == len(set(sent)), "a row was sent twice"
+    assert set(sent) == ids, "a row was lost"
+    assert sorted(claimed[0] + claimed[1]) == sorted(sent)  # what each claimed is what went out
+    with redis_server.client() as r:  # nothing went to another queue
+        assert [q for q in r.keys("*") if q != queue.encode()
+                and r.type(q) == b"list"] == []
     with app.app_context():
         assert outbox.backlog() == 0
     assert rows(app, "SELECT DISTINCT attempts FROM outbox") == [{"attempts": 0}]  # none ran
     assert scalar(app, "SELECT count(*) FROM outbox WHERE dispatched_at IS NULL") == 0
     assert invariant_violations(app) == []
+    redis_server.client().flushall()  # the messages are for no worker
 
 
 def _sweeps_done(worker) -> int:

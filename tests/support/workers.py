@@ -266,15 +266,23 @@ def smtp():
 
 # -- Celery --------------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def celery_client(redis_server):
-    """A Celery app with the workers' queues and routes, publishing to ``redis_server``."""
+def celery_publisher(redis_url: str):
+    """A Celery app configured as the workers' (``celery_config``: queues, routes, the
+    broker transport of worker_service/broker.py) publishing to ``redis_url``; close it
+    after use."""
     from celery import Celery
 
     from worker_service.celery_app import celery_config
 
     client = Celery("txmon-tests", set_as_current=False)
-    client.conf.update(celery_config({"REDIS_URL": redis_server.url()}))
+    client.conf.update(celery_config({"REDIS_URL": redis_url}))
+    return client
+
+
+@pytest.fixture(scope="session")
+def celery_client(redis_server):
+    """A Celery app with the workers' queues and routes, publishing to ``redis_server``."""
+    client = celery_publisher(redis_server.url())
     yield client
     client.close()
 
