@@ -181,12 +181,15 @@ def _force_close_later(ws, grace_s: float = 2.0):
 
 
 class _SendAll:
-    """The connection socket with ``send`` doing ``sendall``.
+    """The connection socket with ``send`` doing ``sendall``, and a lingering ``close``.
 
     simple-websocket writes each frame with one ``sock.send``; under gevent (and in
     principle anywhere) that may write part of a frame, and the next frame would follow the
     cut one. Every frame must go out whole, and one frame at a time.
     """
+
+    LINGER_S = 1.0
+    LINGER_BYTES = 1 << 20
 
     def __init__(self, sock):
         self._sock = sock
@@ -196,6 +199,28 @@ class _SendAll:
         with self._lock:
             self._sock.sendall(data)
         return len(data)
+
+    def close(self) -> None:
+        """Closing with the client's bytes unread (a message over the limit) makes the kernel
+        send a reset, which can discard our close frame (1009) before the client reads it:
+        half-close, read and drop what is in flight for a moment, then close."""
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + self.LINGER_S
+            drained = 0
+            while drained < self.LINGER_BYTES:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._sock.settimeout(left)
+                chunk = self._sock.recv(65536)
+                if not chunk:
+                    break
+                drained += len(chunk)
+        except OSError:
+            pass
+        finally:
+            self._sock.close()
 
     def __getattr__(self, name):
         return getattr(self._sock, name)
