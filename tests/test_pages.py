@@ -14,12 +14,10 @@ from pathlib import Path
 
 import pytest
 import requests
+from playwright.sync_api import expect, sync_playwright
 
 from tests.support.common import require_tool
 from tests.support.stack import running_stack, uid
-
-pytest.importorskip("playwright")
-from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
 LARGE_DEBIT_CENTS = 2_000
 WAIT_MS = 10_000  # a deadline for the page to show what the API did, not a latency target
