@@ -104,12 +104,16 @@ function start() {
     $('history-total').textContent = `${historyTotal} transaction${historyTotal === 1 ? '' : 's'}`;
   }
 
+  let historyRequest = 0; // only the latest request's answer is shown
+
   async function loadHistory(reset) {
     const query = filterQuery();
     query.set('limit', '20');
     if (!reset && historyCursor !== null) query.set('cursor', historyCursor);
+    const mine = ++historyRequest;
     try {
       const page = await api(`/api/wallet/transactions/detailed?${query}`);
+      if (mine !== historyRequest) return;
       if (reset) {
         $('history').replaceChildren();
         shownSeqs.clear();
@@ -120,7 +124,7 @@ function start() {
       showTotal();
       $('more-history').hidden = page.next_cursor === null;
     } catch (error) {
-      $('history-total').textContent = error.message;
+      if (mine === historyRequest) $('history-total').textContent = error.message;
     }
   }
 
