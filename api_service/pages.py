@@ -6,14 +6,18 @@ take theirs from the URL fragment and call the JSON API like any other client.
 """
 from __future__ import annotations
 
-from flask import Blueprint, Flask, render_template
+import re
+
+from flask import Blueprint, Flask, render_template, request
 
 bp = Blueprint("pages", __name__)
+_HOST = re.compile(r"[A-Za-z0-9.:\[\]-]{1,255}")  # a Host header cannot add a directive
 
-# No inline script or style, nothing from another origin; websockets back to this host only.
+# No inline script or style, nothing from another origin; websockets back to this host only
+# (named as well: older browsers do not count ws: as 'self').
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-       "font-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'self'; "
-       "frame-ancestors 'none'")
+       "font-src 'self'; connect-src 'self' ws://{host} wss://{host}; base-uri 'none'; "
+       "form-action 'self'; frame-ancestors 'none'")
 
 
 @bp.get("/")
@@ -41,7 +45,8 @@ def init_app(app: Flask) -> None:
 
     @app.after_request
     def security_headers(response):
-        response.headers.setdefault("Content-Security-Policy", CSP)
+        host = request.host if _HOST.fullmatch(request.host or "") else "localhost"
+        response.headers.setdefault("Content-Security-Policy", CSP.format(host=host))
         response.headers.setdefault("X-Frame-Options", "DENY")
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Referrer-Policy", "no-referrer")

@@ -403,8 +403,11 @@ def test_pages__security_headers(stack, path):
     csp = r.headers["Content-Security-Policy"]
     directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
     assert directives["script-src"] == "'self'" and directives["default-src"] == "'none'"
-    assert "unsafe" not in csp and "http" not in csp
+    assert "unsafe" not in csp and "http" not in csp and "*" not in csp
+    assert directives["connect-src"] == f"'self' {stack.ws_base} {stack.ws_base.replace('ws:', 'wss:')}"
     assert r.headers["X-Frame-Options"] == "DENY"
+    forged = requests.get(stack.base + path, headers={"Host": "x; script-src *"}, timeout=10)
+    assert "script-src *" not in forged.headers["Content-Security-Policy"]
     assert "<script>" not in r.text and " style=" not in r.text  # nothing inline
 
 
