@@ -141,21 +141,12 @@ class Config:
         return {k: v for k, v in vars(self).items() if k.isupper()}
 
 
-def engine_options(url: str, *, custom_plans: bool = False,
-                   statement_timeout_ms: int = 0) -> dict:
+def engine_options(url: str, *, statement_timeout_ms: int = 0) -> dict:
     """Pool settings per database: a real pool on Postgres, a long busy wait on SQLite.
 
-    ``custom_plans`` (the worker's engine): Postgres plans every statement from the tables
-    as they are now. psycopg prepares a statement after a few runs, and Postgres then keeps
-    one generic plan for it, costed with the statistics of that moment. The outbox is a
-    queue: empty when last analyzed, tens of thousands of rows minutes later, so the
-    relay's prepared claim and mark statements kept sequential scans of the whole table
-    (the balance claim: 5.6 ms a claim at 200 purchases/s, pg_stat_statements, against
-    0.15 ms planned from the table's current size). Not for the API: its hot path
-    is sent as text (planned per run anyway) and reads no queue table, while the
-    foreign-key checks of the ledger's INSERTs are cached plans that it would plan anew on
-    every purchase. ``statement_timeout_ms`` (the API's): Postgres cancels a statement
-    that runs, or waits for a lock, longer than that.
+    ``statement_timeout_ms`` (the API's): Postgres cancels a statement that runs, or waits
+    for a lock, longer than that. The outbox's statements plan every run (shared/outbox.py
+    PLAN_EVERY_RUN).
     """
     if url.startswith("sqlite"):
         return {"connect_args": {"timeout": 30, "check_same_thread": False}}
@@ -165,8 +156,6 @@ def engine_options(url: str, *, custom_plans: bool = False,
                "max_overflow": _int_env("TXMON_DB_MAX_OVERFLOW", 4), "pool_timeout": 20,
                "pool_pre_ping": False, "pool_recycle": 1800}
     settings = []
-    if custom_plans:
-        settings.append("-c plan_cache_mode=force_custom_plan")
     if statement_timeout_ms > 0:
         settings.append(f"-c statement_timeout={statement_timeout_ms}")
     if settings:

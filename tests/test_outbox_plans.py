@@ -1,13 +1,12 @@
-"""The worker's outbox statements keep using their indexes when the outbox outgrows its
-statistics.
+"""The outbox's statements keep using their indexes when the outbox outgrows its statistics.
 
 The outbox is a queue: it was empty when last analyzed (a fresh database, or autovacuum
 not yet round), and holds tens of thousands of rows a minute later. A prepared statement
 whose generic plan was costed while the table was small keeps that plan - a sequential
-scan of the whole table - however large the table grows; the worker's connections plan
-every run instead (shared/config.py ``engine_options(custom_plans=True)``), the API's do
-not (their cached plans are the ledger's foreign-key checks). The statement prepared here
-is the relay's balance claim, an outbox claim like the others. Postgres only.
+scan of the whole table - however large the table grows; every transaction on the outbox
+plans each run instead (shared/outbox.py ``PLAN_EVERY_RUN``), while other statements on the
+same connections keep their cached plans. The statement prepared here is the relay's
+balance claim, an outbox claim like the others. Postgres only.
 """
 from __future__ import annotations
 
@@ -50,33 +49,29 @@ def _grow_outbox(conn) -> None:
         " FROM generate_series(1, 3) g"))
 
 
-def test_worker_claims_use_their_index_after_the_outbox_grew(app, database_url):
+def test_outbox_claims_use_their_index_after_the_outbox_grew(app, database_url):
     if not database_url.startswith("postgres"):
         pytest.skip("plan caching is a Postgres matter")
+    from shared import outbox
     from worker_service.celery_app import create_worker_app
 
     worker_app = create_worker_app({"SQLALCHEMY_DATABASE_URI": database_url})
     with worker_app.app_context():
         try:
-            with db.engine.connect() as conn:
+            with outbox._begin() as conn:  # every outbox statement runs in one of these
                 assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar_one() \
                     == "force_custom_plan"
+            with db.engine.connect() as conn:
+                # Outside them the default: the cached plan costed for the empty table stays.
+                assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar_one() == "auto"
                 _prepare_claim_while_small(conn)
                 _grow_outbox(conn)
+                assert "Seq Scan on outbox" in _claim_plan(conn)
+                conn.exec_driver_sql(outbox.PLAN_EVERY_RUN)
                 plan = _claim_plan(conn)
                 assert "ix_outbox_due" in plan, plan
                 assert "Seq Scan on outbox" not in plan, plan
+                conn.exec_driver_sql("DEALLOCATE txmon_claim")
                 conn.rollback()
         finally:
             db.engine.dispose()
-
-    # The API's connections keep Postgres's default, and with it the same steps keep the
-    # plan costed for the empty table: the situation the worker's setting is there for.
-    with app.app_context(), db.engine.connect() as conn:
-        assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar_one() == "auto"
-        conn.execute(text("TRUNCATE outbox"))  # the pages the rolled-back rows took
-        _prepare_claim_while_small(conn)
-        _grow_outbox(conn)
-        assert "Seq Scan on outbox" in _claim_plan(conn)
-        conn.exec_driver_sql("DEALLOCATE txmon_claim")
-        conn.rollback()

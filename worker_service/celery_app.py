@@ -130,7 +130,7 @@ def create_worker_app(test_config: dict | None = None) -> Flask:
         app.config.update(test_config)
     if not (test_config and "SQLALCHEMY_ENGINE_OPTIONS" in test_config):
         app.config["SQLALCHEMY_ENGINE_OPTIONS"] = engine_options(
-            app.config["SQLALCHEMY_DATABASE_URI"], custom_plans=True)
+            app.config["SQLALCHEMY_DATABASE_URI"])
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     db.init_app(app)
