@@ -273,3 +273,49 @@ def test_admin_outbox__dead_row_visible_and_redriven_once__409_when_not_dead(wir
     assert r.status_code == 404
     r = api.client.post(f"/api/admin/outbox/{dead}/retry", headers=api.user("someone"))
     assert r.status_code == 403
+
+
+def _alerts(app, user_id: str, n: int) -> list[int]:
+    from shared import alerts
+
+    with app.app_context():
+        return [alerts.raise_alert(rule="large_debit", user_id=user_id, details={"n": i},
+                                   dedup_key=f"{user_id}-{i}")[0] for i in range(n)]
+
+
+def test_publish_alert__mixed_batch_gone_and_poisoned__each_on_the_admin_feed_once(
+        wired, api, redis_server):
+    from shared import outbox
+    from shared.realtime import ADMIN_CHANNEL
+
+    found = _alerts(wired, "pa-a", 2)
+    sub = redis_server.client().pubsub()
+    sub.subscribe(ADMIN_CHANNEL)
+    sub.get_message(timeout=2)
+    ids = _write(wired, outbox.PUBLISH_ALERT, [{"alert_id": a} for a in found]
+                 + [{"alert_id": 987654}, {"nothing": 1}])
+    poisoned = ids[-1]
+    _spend_attempts(wired, outbox.PUBLISH_ALERT, poisoned)
+    _run(wired, outbox.PUBLISH_ALERT, ids)
+    _assert_mixed_batch(wired, outbox.PUBLISH_ALERT, ids, poisoned)
+    got = []
+    while (m := sub.get_message(timeout=1)) is not None:
+        got.append(json.loads(m["data"])["alert"]["id"])
+    assert got == found
+
+
+def test_email_alert__mixed_batch_gone_and_poisoned__each_alert_mailed_once(wired, smtp):
+    from shared import outbox
+
+    found = _alerts(wired, "ea-a", 2)
+    ids = _write(wired, outbox.EMAIL_ALERT, [{"alert_id": a} for a in found]
+                 + [{"alert_id": 987654}, {"nothing": 1}])
+    poisoned = ids[-1]
+    _spend_attempts(wired, outbox.EMAIL_ALERT, poisoned)
+    _run(wired, outbox.EMAIL_ALERT, ids)
+    _assert_mixed_batch(wired, outbox.EMAIL_ALERT, ids, poisoned)
+    admin = wired.config["TXMON_ADMIN_EMAIL"]
+    ids_sent = sorted(m.message["Message-ID"] for m in smtp.messages(to=admin))
+    assert ids_sent == sorted(f"<alert-{a}@txmon.local>" for a in found)
+    _run(wired, outbox.EMAIL_ALERT, ids)  # delivered again: nothing mailed twice
+    assert len(smtp.messages(to=admin)) == 2
