@@ -19,7 +19,6 @@ import time
 import uuid
 
 import redis
-
 from flask import current_app, request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
