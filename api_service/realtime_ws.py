@@ -9,6 +9,7 @@ snapshot, so an update committed during the replay is either in the replay or qu
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import queue
@@ -112,15 +113,10 @@ class SocketLeases:
                 self.local.pop(key, None)
 
 
-_leases: dict[str, SocketLeases] = {}
-_leases_lock = threading.Lock()
-
-
+@functools.lru_cache(maxsize=4)
 def leases_for(redis_url: str) -> SocketLeases:
-    with _leases_lock:
-        if redis_url not in _leases:
-            _leases[redis_url] = SocketLeases(redis_url)
-        return _leases[redis_url]
+    """The process's socket leases for ``redis_url``."""
+    return SocketLeases(redis_url)
 
 
 def _authenticate(ws, role: str) -> Principal | None:
