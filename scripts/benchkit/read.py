@@ -109,9 +109,11 @@ def side_by_side(session, cases: list[tuple[str, str, str, dict]], repeat: int,
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def csv_memory(stack: Stack, url: str, headers: dict) -> tuple[float, float, int]:
-    """(API RSS growth MB while the whole CSV downloads, seconds, bytes)."""
+def csv_memory(stack: Stack, url: str, headers: dict) -> tuple[float, float, int, float]:
+    """(API RSS growth MB while the whole CSV downloads, seconds, bytes, RSS MB before)."""
     before = stack.rss_mb("api")
+    if not before:
+        raise SystemExit("no API process found to measure")
     peak, done = [before], threading.Event()
 
     def sample() -> None:
@@ -127,7 +129,7 @@ def csv_memory(stack: Stack, url: str, headers: dict) -> tuple[float, float, int
     seconds = time.perf_counter() - t0
     done.set()
     sampler.join()
-    return max(peak) - before, seconds, size
+    return max(peak) - before, seconds, size, before
 
 
 def main(args) -> int:
@@ -192,7 +194,7 @@ def main(args) -> int:
         csv = stack.url + "/api/wallet/transactions/export.csv"
         results["CSV first byte"] = side_by_side(
             s, [(w, w, csv, u[w]) for w in (big, small)], args.repeat, first_byte=True)
-        growth, csv_s, csv_bytes = csv_memory(stack, csv, u[big])
+        growth, csv_s, csv_bytes, rss0 = csv_memory(stack, csv, u[big])
         log(f"CSV of {big_n:,} rows: {csv_bytes / 1e6:.1f} MB in {csv_s:.1f} s, API RSS "
             f"+{growth:.1f} MB")
 
@@ -245,7 +247,8 @@ The 7-day monitor's `total_transactions` and `unique_users` equal `count(*)` and
 one's count, {seen_hour:,}, lies between the SQL counts before and after it
 ({before:,}, {after:,}).
 The whole CSV of the {big_n:,}-row account: {csv_bytes / 1e6:.1f} MB in {csv_s:.1f} s, API
-RSS +{growth:.1f} MB while it streamed.
+RSS (all API processes, sampled every 0.2 s) {rss0:.0f} MB before, +{growth:.1f} MB at
+most while it streamed.
 """
     command = f"scripts/bench read --scale {args.scale:g} --repeat {args.repeat}"
     doc.write_section("read", "Read side: history, monitor, timeline and CSV at scale",
