@@ -148,18 +148,19 @@ def _sums(rows, width: int, scale: int, acc: dict, by_type: dict) -> None:
 def monitor(*, minutes: int, now: datetime | None = None) -> dict:
     """Admin summary of the last ``minutes`` (every row with ``created_at >= now - minutes``).
 
-    Whole minutes and hours come from the roll-ups (shared/rollups.py: every row with
-    ``id <= watermark``); raw rows only for the minute the cutoff cuts and for ids above the
-    watermark. So a week costs about what an hour costs, and the figures are exact for every
-    committed row however it was written. Unique users: accounts whose latest rolled-up
-    transaction is in the window, united with the accounts of the raw rows above the
-    watermark (windows are open-ended, so "latest >= cutoff" is "active in the window")."""
+    Whole minutes and whole series buckets (1, 15 or 60 minutes) come from the roll-ups
+    (shared/rollups.py: every row with ``id <= watermark``); raw rows only for the minute the
+    cutoff cuts and for ids above the watermark. So a week costs about what an hour costs, and
+    the figures are exact for every committed row however it was written. Unique users: accounts
+    whose latest rolled-up transaction is in the window, united with the accounts of the raw
+    rows above the watermark (windows are open-ended, so "latest >= cutoff" is "active in the
+    window")."""
     now = now or utcnow()
     cutoff = now - timedelta(minutes=minutes)
     width = bucket_minutes(minutes)
     cutoff_us = (cutoff - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1)
     first_minute = -(-cutoff_us // 60_000_000)  # the first whole minute in the window
-    first_hour = -(-first_minute // 60)
+    first_wide = -(-first_minute // width)  # the first whole series bucket
     edge_end = rollups.at(first_minute * 60)
     acc: dict[int, list[int]] = {}
     by_type: dict[str, int] = {}
@@ -176,16 +177,14 @@ def monitor(*, minutes: int, now: datetime | None = None) -> dict:
               width, 1, acc, by_type)
         r = rollups.rollups
         part = select(r.c.bucket, r.c.type, r.c.n, r.c.amount_cents)  # noqa: E741
-        if width < 60:
-            _sums(conn.execute(part.where(r.c.grain_s == 60, r.c.bucket >= first_minute)).all(),
-                  width, 1, acc, by_type)
-        else:
+        # minutes up to the first whole series bucket, then buckets of the series' width
+        if width > 1:
             _sums(conn.execute(part.where(r.c.grain_s == 60, r.c.bucket >= first_minute,
-                                          r.c.bucket < first_hour * 60)).all(),
+                                          r.c.bucket < first_wide * width)).all(),
                   width, 1, acc, by_type)
-            _sums(conn.execute(part.where(r.c.grain_s == 3600,
-                                          r.c.bucket >= first_hour)).all(),
-                  width, 60, acc, by_type)
+        _sums(conn.execute(part.where(r.c.grain_s == width * 60,
+                                      r.c.bucket >= first_wide)).all(),
+              width, width, acc, by_type)
         u = rollups.user_last
         users = union(select(u.c.user_id).where(u.c.last_at >= cutoff),
                       select(t.c.user_id).where(t.c.id > wm, t.c.created_at >= cutoff))

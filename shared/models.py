@@ -101,8 +101,9 @@ class AccountTxCount(db.Model):
 class MonitorRollup(db.Model):
     """The admin monitor's roll-up: per (grain, bucket, type) the count and the sum of
     amounts of every transaction with ``id <= monitor_rollup_state.watermark_id`` whose own
-    ``created_at`` falls in the bucket (``bucket = epoch seconds // grain_s``; grains 60 and
-    3600). Filled by shared/rollups.py in id order, never by a trigger on insert."""
+    ``created_at`` falls in the bucket (``bucket = epoch seconds // grain_s``; grains 60, 900
+    and 3600, the series' widths). Filled by shared/rollups.py in id order, never by a trigger
+    on insert."""
 
     __tablename__ = "monitor_rollups"
 
@@ -128,15 +129,15 @@ class MonitorUserLast(db.Model):
 
 class MonitorRollupState(db.Model):
     """One row (id 1): every transaction with ``id <= watermark_id`` is in the roll-ups.
-    ``pending_id``/``pending_xmax`` (PostgreSQL): the next watermark and the transaction-id
-    horizon that must have passed before it is taken (shared/rollups.py)."""
+    ``pending_id``/``pending_writers`` (PostgreSQL): the next watermark and the transactions
+    (virtual ids) that may hold an uncommitted id at or below it (shared/rollups.py)."""
 
     __tablename__ = "monitor_rollup_state"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     watermark_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
     pending_id: Mapped[int | None] = mapped_column(BigInteger)
-    pending_xmax: Mapped[int | None] = mapped_column(BigInteger)
+    pending_writers: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
 

@@ -1,6 +1,6 @@
 """The admin monitor's roll-ups, filled by a periodic job (beat, every 30 s; ``run()`` also
-works in-process): per-minute and per-hour counts and sums by type, and each account's latest
-transaction time, for every transaction up to a watermark id.
+works in-process): per-minute, quarter-hour and hour counts and sums by type, and each account's
+latest transaction time, for every transaction up to a watermark id.
 
 Why by id and not by time: ids come from one sequence, so "every id above the watermark"
 is a primary-key range that holds every row not rolled up yet, whatever its ``created_at``
@@ -9,14 +9,17 @@ never counted twice: a range is added to the roll-ups in the same commit that mo
 watermark past it. Nothing runs on INSERT, so a purchase costs what it cost before.
 
 Why the watermark waits (PostgreSQL): a transaction can hold an id below ids already
-committed (it took the id first and commits later). Rolling up to the highest visible id
-would skip such a row for good. So a new watermark goes through three runs:
-1. ``pending_id`` = the highest id visible now;
-2. a later run records ``pending_xmax`` = the next transaction id to be assigned (every
-   transaction that held an id <= ``pending_id`` has a transaction id below it by then);
-3. a later run takes it once the oldest transaction still running is at or past
-   ``pending_xmax`` (``pg_snapshot_xmin``): every id <= ``pending_id`` is then committed or
-   rolled back for good.
+committed (it drew the id first and commits later). Rolling up to the highest visible id
+would skip such a row for good. An INSERT takes its RowExclusiveLock on ``transactions``
+before it draws an id from the sequence, and keeps it to its end. So the job reads the
+highest visible id (``pending_id``), then, in a later statement, the transactions holding a
+write lock on ``transactions`` in this database (``pending_writers``, their virtual
+transaction ids from ``pg_locks``, which any role may read): every uncommitted id at or below
+``pending_id`` belongs to one of them. The watermark moves to ``pending_id`` once none of them
+is alive any more: at once when none was (a quiet moment), else at a later run (30 s). Only
+writers of this table are waited for, not every transaction of the server (autovacuum,
+other databases). A writer that stays open (a session idle in a transaction) holds the
+watermark back; the monitor stays exact, reading more raw rows, until it ends.
 On SQLite a writer holds the database's write lock, and this job takes it too (BEGIN
 IMMEDIATE), so every id up to the highest one it sees is committed: the watermark moves in
 one run.
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import BigInteger, cast, delete, func, select, text, update
+from sqlalchemy import BigInteger, cast, delete, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 
 from shared.db import db, utcnow
@@ -46,7 +49,7 @@ user_last = MonitorUserLast.__table__
 state_t = MonitorRollupState.__table__
 dirty_t = MonitorRollupDirty.__table__
 
-GRAINS = (60, 3600)
+GRAINS = (60, 900, 3600)  # the monitor series' bucket widths (history.bucket_minutes)
 CHUNK_IDS = 100_000  # ids rolled up per commit (a backfill of millions goes in steps)
 DIRTY_BATCH = 2000
 LOCK_KEY = 0x74786D6F6E  # pg advisory lock: one job at a time ("txmon")
@@ -68,7 +71,7 @@ def _insert(dialect: str):
 
 def _state(conn) -> tuple[int, int | None, int | None]:
     row = conn.execute(select(state_t.c.watermark_id, state_t.c.pending_id,
-                              state_t.c.pending_xmax).where(state_t.c.id == 1)).first()
+                              state_t.c.pending_writers).where(state_t.c.id == 1)).first()
     return tuple(row) if row else (0, None, None)
 
 
@@ -124,14 +127,15 @@ def _add(conn, dialect: str, lo: int, hi: int) -> int:
 def _recompute(conn, dialect: str, wm: int, marks) -> None:
     """Rebuild the marked minutes, their hours and the marked accounts from the raw rows
     with id <= wm (what the roll-ups hold by definition)."""
-    buckets = {(60, m) for _, m, _ in marks} | {(3600, m * 60 // 3600) for _, m, _ in marks}
+    buckets = {(grain, m * 60 // grain) for _, m, _ in marks for grain in GRAINS}
     for grain, bucket in sorted(buckets):
         conn.execute(delete(rollups).where(rollups.c.grain_s == grain,
                                            rollups.c.bucket == bucket))
         rows = conn.execute(
             select(t.c.type, func.count(), func.sum(t.c.amount_cents))
-            .where(t.c.created_at >= at(bucket * grain), t.c.created_at < at((bucket + 1) * grain),
-                   t.c.id <= wm).group_by(t.c.type)).all()
+            .where(t.c.created_at >= at(bucket * grain),
+                   t.c.created_at < at((bucket + 1) * grain), t.c.id <= wm)
+            .group_by(t.c.type)).all()
         if rows:
             conn.execute(rollups.insert(), [
                 {"grain_s": grain, "bucket": bucket, "type": k, "n": n, "amount_cents": int(a)}
@@ -145,42 +149,63 @@ def _recompute(conn, dialect: str, wm: int, marks) -> None:
     conn.execute(delete(dirty_t).where(dirty_t.c.id.in_([i for i, _, _ in marks])))
 
 
+WRITERS = text("""
+    SELECT coalesce(string_agg(DISTINCT virtualtransaction, ','), '') FROM pg_locks
+    WHERE locktype = 'relation' AND granted
+      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND relation = 'transactions'::regclass
+      AND mode IN ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock',
+                   'AccessExclusiveLock')
+      AND pid IS DISTINCT FROM pg_backend_pid()""")
+ALIVE = text("SELECT count(*) FROM pg_locks"
+             " WHERE virtualtransaction = ANY(string_to_array(:v, ','))")
+
+
+def _safe_target(conn, pg: bool, wm: int, pending: int | None,
+                 writers: str | None) -> int | None:
+    """The id the watermark may move to now, or None."""
+    if not pg:
+        return conn.scalar(select(func.max(t.c.id)))
+    if pending is None or pending <= wm:
+        return None
+    if writers and conn.scalar(ALIVE, {"v": writers}):
+        return None
+    return pending
+
+
 def run(*, max_chunks: int = 10_000) -> dict:
-    """One pass of the job: roll up to the safe watermark (in commits of CHUNK_IDS ids),
-    recompute what UPDATE/DELETE marked, then prepare the next watermark. Safe to call from
-    several processes at once (on PostgreSQL a second caller returns at once)."""
+    """One pass of the job: note the next watermark (PostgreSQL), roll up to the safe one
+    (in commits of CHUNK_IDS ids), then recompute what UPDATE/DELETE marked. Safe to call
+    from several processes at once (on PostgreSQL a second caller returns at once)."""
     engine = db.engine
     dialect = engine.dialect.name
     pg = dialect == "postgresql"
     rows = chunks = recomputed = 0
     with engine.connect() as conn:
+        if pg:
+            with conn.begin():
+                if not _locked(conn, pg):
+                    return {"skipped": True}
+                wm, pending, writers = _state(conn)
+                if pending is None or pending <= wm:
+                    top = conn.scalar(select(func.max(t.c.id))) or 0
+                    if top > wm:  # the writers are read after the id: see the docstring
+                        _set_state(conn, dialect, watermark_id=wm, pending_id=top,
+                                   pending_writers=conn.scalar(WRITERS))
         while chunks < max_chunks:
             with conn.begin():
                 if not _locked(conn, pg):
                     return {"skipped": True}
-                # Before this transaction writes anything (it has no transaction id of
-                # its own yet, so the horizon is everyone else's).
-                horizon = (conn.scalar(text(
-                    "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"))
-                    if pg else None)
-                wm, pending, pending_xmax = _state(conn)
-                if pg:
-                    ready = (pending is not None and pending_xmax is not None
-                             and horizon >= pending_xmax)
-                    target = pending if ready else None
-                else:
-                    target = conn.scalar(select(func.max(t.c.id)))
+                wm, pending, writers = _state(conn)
+                target = _safe_target(conn, pg, wm, pending, writers)
                 if target is None or target <= wm:
-                    if pg and pending is not None and pending <= wm:
-                        _set_state(conn, dialect, watermark_id=wm, pending_id=None,
-                                   pending_xmax=None)
                     break
                 hi = min(target, wm + CHUNK_IDS)
                 rows += _add(conn, dialect, wm, hi)
                 done = hi >= target
                 _set_state(conn, dialect, watermark_id=hi,
                            pending_id=None if done else pending,
-                           pending_xmax=None if done else pending_xmax)
+                           pending_writers=None if done else writers)
                 chunks += 1
         while True:
             with conn.begin():
@@ -193,28 +218,15 @@ def run(*, max_chunks: int = 10_000) -> dict:
                     recomputed += len(marks)
             if len(marks) < DIRTY_BATCH:
                 break
-        if pg:
-            with conn.begin():
-                if _locked(conn, pg):
-                    wm, pending, pending_xmax = _state(conn)
-                    if pending is not None and pending_xmax is None:
-                        xmax = conn.scalar(text(
-                            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"))
-                        _set_state(conn, dialect, watermark_id=wm, pending_id=pending,
-                                   pending_xmax=xmax)
-                    elif pending is None:
-                        top = conn.scalar(select(func.max(t.c.id))) or 0
-                        if top > wm:
-                            _set_state(conn, dialect, watermark_id=wm, pending_id=top,
-                                       pending_xmax=None)
         with conn.begin():
-            wm = watermark(conn)
-    return {"rows": rows, "chunks": chunks, "recomputed": recomputed, "watermark_id": wm}
+            wm, pending, writers = _state(conn)
+    return {"rows": rows, "chunks": chunks, "recomputed": recomputed, "watermark_id": wm,
+            "waiting_for": writers or None}
 
 
 def catch_up(passes: int = 6) -> dict:
-    """Run until every committed transaction is rolled up (tests, tools; with no other
-    transaction open, three passes are enough on PostgreSQL, one on SQLite)."""
+    """Run until every committed transaction is rolled up (tests, tools; with no writer of
+    transactions open, one pass is enough)."""
     result = {}
     for _ in range(passes):
         result = run()

@@ -313,3 +313,27 @@ def test_a_lower_id_committed_late_is_not_skipped(ctx, database_url):
     assert _state()[0] >= top
     got = _check(10080, NOW)
     assert got["credits_added_cents"] >= 777
+
+
+def test_open_transactions_that_write_no_transactions_do_not_hold_the_watermark(ctx):
+    """PostgreSQL: only writers of ``transactions`` are waited for; a transaction open
+    elsewhere (here one writing an account row, holding a transaction id) is not."""
+    from shared import rollups
+    from shared.db import db
+
+    if db.engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL's watermark wait")
+    Ledger(random.Random(4)).random(3, 30, timedelta(days=2))
+    other = db.engine.connect()
+    try:
+        tx = other.begin()
+        other.execute(text("UPDATE accounts SET display_name = 'busy' WHERE user_id = 'u-0'"))
+        assert other.scalar(text("SELECT pg_current_xact_id_if_assigned()")) is not None
+        top = db.session.scalar(text("SELECT max(id) FROM transactions"))
+        db.session.commit()
+        result = rollups.run()
+        assert result["watermark_id"] == top and result["waiting_for"] is None
+        _check(10080, NOW)
+        tx.rollback()
+    finally:
+        other.close()

@@ -1,8 +1,8 @@
-"""The admin monitor's roll-ups: per-minute and per-hour aggregates by type, each account's
-latest transaction time, the roll-up watermark, and the minutes to recompute after an UPDATE
-or DELETE of a transaction (a trigger on those only: inserts, the purchase path, pay nothing).
-The roll-ups start empty; the periodic job (shared/rollups.py) fills them from id 1 on, and
-the monitor reads raw rows above the watermark meanwhile, so its figures stay exact.
+"""The admin monitor's roll-ups: per-minute, quarter-hour and hour aggregates by type, each
+account's latest transaction time, the roll-up watermark, and the minutes to recompute after an
+UPDATE or DELETE of a transaction (a trigger on those only: inserts, the purchase path, pay
+nothing). The roll-ups start empty; the periodic job (shared/rollups.py) fills them from id 1
+on, and the monitor reads raw rows above the watermark meanwhile, so its figures stay exact.
 
 Revision ID: 0009_i14
 Revises: 0008_i14
@@ -65,7 +65,7 @@ def upgrade():
         sa.Column("id", sa.Integer(), autoincrement=False, nullable=False),
         sa.Column("watermark_id", sa.BigInteger(), nullable=False),
         sa.Column("pending_id", sa.BigInteger(), nullable=True),
-        sa.Column("pending_xmax", sa.BigInteger(), nullable=True),
+        sa.Column("pending_writers", sa.Text(), nullable=True),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_monitor_rollup_state"),
     )
