@@ -98,6 +98,60 @@ class AccountTxCount(db.Model):
     n: Mapped[int] = mapped_column(BigInteger, nullable=False)
 
 
+class MonitorRollup(db.Model):
+    """The admin monitor's roll-up: per (grain, bucket, type) the count and the sum of
+    amounts of every transaction with ``id <= monitor_rollup_state.watermark_id`` whose own
+    ``created_at`` falls in the bucket (``bucket = epoch seconds // grain_s``; grains 60, 900
+    and 3600, the series' widths). Filled by shared/rollups.py in id order, never by a trigger
+    on insert."""
+
+    __tablename__ = "monitor_rollups"
+
+    grain_s: Mapped[int] = mapped_column(Integer, primary_key=True)
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    type: Mapped[str] = mapped_column(String(32), primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    amount_cents: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class MonitorUserLast(db.Model):
+    """Each account's latest ``created_at`` among the rolled-up transactions. Monitor windows
+    all end at the open future (``created_at >= cutoff``), so a user is in a window exactly
+    when this is at or after its cutoff: unique users are an index range of this table."""
+
+    __tablename__ = "monitor_user_last"
+
+    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+    __table_args__ = (Index("ix_monitor_user_last_last_at", "last_at"),)
+
+
+class MonitorRollupState(db.Model):
+    """One row (id 1): every transaction with ``id <= watermark_id`` is in the roll-ups.
+    ``pending_id``/``pending_writers`` (PostgreSQL): the next watermark and the transactions
+    (virtual ids) that may hold an uncommitted id at or below it (shared/rollups.py)."""
+
+    __tablename__ = "monitor_rollup_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    watermark_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    pending_id: Mapped[int | None] = mapped_column(BigInteger)
+    pending_writers: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class MonitorRollupDirty(db.Model):
+    """A minute and an account whose roll-ups must be recomputed: written by a trigger on
+    UPDATE or DELETE of transactions (never on INSERT, so purchases do not pay for it)."""
+
+    __tablename__ = "monitor_rollup_dirty"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    minute: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    user_id: Mapped[str] = mapped_column(String(64), nullable=False)
+
+
 class Verification(db.Model):
     __tablename__ = "verifications"
 

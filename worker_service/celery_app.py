@@ -51,6 +51,8 @@ def celery_config(flask_config: dict) -> dict:
                         "txmon.refunds.scan_expired": {"queue": "outbox"},
                         "txmon.refunds.expire_batch": {"queue": "refunds"},
                         "txmon.reconcile.run": {"queue": "reconcile"},
+                        # short and periodic like the scans, never behind an hour-long run
+                        "txmon.reconcile.monitor_rollups": {"queue": "outbox"},
                         **{h.name: {"queue": h.queue} for h in outbox.HANDLERS.values()}},
         "task_time_limit": 120,
         "task_soft_time_limit": 100,
@@ -60,6 +62,7 @@ def celery_config(flask_config: dict) -> dict:
             "outbox-sweep": {"task": "txmon.outbox.sweep", "schedule": 5.0},
             "refunds-scan": {"task": "txmon.refunds.scan_expired", "schedule": 10.0},
             "reconcile-hourly": {"task": "txmon.reconcile.run", "schedule": timedelta(hours=1)},
+            "monitor-rollups": {"task": "txmon.reconcile.monitor_rollups", "schedule": 30.0},
         },
     }
 
