@@ -127,6 +127,20 @@ class MonitorUserLast(db.Model):
     __table_args__ = (Index("ix_monitor_user_last_last_at", "last_at"),)
 
 
+class AccountHourCount(db.Model):
+    """Per account, type and hour (``hour = epoch seconds // 3600`` of ``created_at``) the
+    number of rolled-up transactions (``id <= watermark_id``), filled by the same job: a
+    date-filtered history total reads whole hours here and raw rows only for the two cut
+    hours and above the watermark (shared/history.py)."""
+
+    __tablename__ = "account_hour_counts"
+
+    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    type: Mapped[str] = mapped_column(String(32), primary_key=True)
+    hour: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
 class MonitorRollupState(db.Model):
     """One row (id 1): every transaction with ``id <= watermark_id`` is in the roll-ups.
     ``pending_id``/``pending_writers`` (PostgreSQL): the next watermark and the transactions

@@ -1,6 +1,7 @@
 """The admin monitor's roll-ups, filled by a periodic job (beat, every 30 s; ``run()`` also
-works in-process): per-minute, quarter-hour and hour counts and sums by type, and each account's
-latest transaction time, for every transaction up to a watermark id.
+works in-process): per-minute, quarter-hour and hour counts and sums by type, each account's
+latest transaction time and its count per type and hour (date-filtered history totals), for
+every transaction up to a watermark id.
 
 Why by id and not by time: ids come from one sequence, so "every id above the watermark"
 is a primary-key range that holds every row not rolled up yet, whatever its ``created_at``
@@ -40,12 +41,13 @@ from sqlalchemy import BigInteger, cast, delete, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 
 from shared.db import db, utcnow
-from shared.models import (MonitorRollup, MonitorRollupDirty, MonitorRollupState,
-                           MonitorUserLast, Transaction)
+from shared.models import (AccountHourCount, MonitorRollup, MonitorRollupDirty,
+                           MonitorRollupState, MonitorUserLast, Transaction)
 
 t = Transaction.__table__
 rollups = MonitorRollup.__table__
 user_last = MonitorUserLast.__table__
+hours_t = AccountHourCount.__table__
 state_t = MonitorRollupState.__table__
 dirty_t = MonitorRollupDirty.__table__
 
@@ -56,8 +58,8 @@ LOCK_KEY = 0x74786D6F6E  # pg advisory lock: one job at a time ("txmon")
 
 
 def epoch_seconds(column, dialect: str):
-    if dialect == "sqlite":
-        return cast(func.strftime("%s", column), BigInteger)
+    if dialect == "sqlite":  # whole seconds of the text: strftime rounds to milliseconds
+        return cast(func.strftime("%s", func.substr(column, 1, 19)), BigInteger)
     return cast(func.floor(func.extract("epoch", column)), BigInteger)
 
 
@@ -121,7 +123,21 @@ def _add(conn, dialect: str, lo: int, hi: int) -> int:
             index_elements=[user_last.c.user_id],
             set_={"last_at": later(user_last.c.last_at, ins.excluded.last_at)}),
             [{"user_id": u, "last_at": last} for u, last in users])
+    _add_hours(conn, dialect, (t.c.id > lo) & (t.c.id <= hi))
     return sum(n for _, _, n, _ in rows)
+
+
+def _add_hours(conn, dialect: str, where) -> None:
+    """Add the rows matching ``where`` to account_hour_counts."""
+    hour = epoch_seconds(t.c.created_at, dialect) // 3600
+    counts = conn.execute(select(t.c.user_id, t.c.type, hour, func.count())
+                          .where(where).group_by(t.c.user_id, t.c.type, hour)).all()
+    if counts:
+        ins = _insert(dialect)(hours_t)
+        conn.execute(ins.on_conflict_do_update(
+            index_elements=[hours_t.c.user_id, hours_t.c.type, hours_t.c.hour],
+            set_={"n": hours_t.c.n + ins.excluded.n}),
+            [{"user_id": u, "type": k, "hour": int(h), "n": n} for u, k, h, n in counts])
 
 
 def _recompute(conn, dialect: str, wm: int, marks) -> None:
@@ -140,6 +156,11 @@ def _recompute(conn, dialect: str, wm: int, marks) -> None:
             conn.execute(rollups.insert(), [
                 {"grain_s": grain, "bucket": bucket, "type": k, "n": n, "amount_cents": int(a)}
                 for k, n, a in rows])
+    for user, hour in sorted({(u, m * 60 // 3600) for _, m, u in marks}):
+        conn.execute(delete(hours_t).where(hours_t.c.user_id == user, hours_t.c.hour == hour))
+        _add_hours(conn, dialect, (t.c.user_id == user) & (t.c.id <= wm)
+                   & (t.c.created_at >= at(hour * 3600))
+                   & (t.c.created_at < at((hour + 1) * 3600)))
     for user in sorted({u for _, _, u in marks}):
         last = conn.scalar(select(func.max(t.c.created_at))
                            .where(t.c.user_id == user, t.c.id <= wm))

@@ -1,5 +1,6 @@
 """The admin monitor's roll-ups: per-minute, quarter-hour and hour aggregates by type, each
-account's latest transaction time, the roll-up watermark, and the minutes to recompute after an
+account's latest transaction time, each account's count per type and hour (date-filtered
+history totals), the roll-up watermark, and the minutes to recompute after an
 UPDATE or DELETE of a transaction (a trigger on those only: inserts, the purchase path, pay
 nothing). The roll-ups start empty; the periodic job (shared/rollups.py) fills them from id 1
 on, and the monitor reads raw rows above the watermark meanwhile, so its figures stay exact.
@@ -32,7 +33,7 @@ CREATE TRIGGER transactions_monitor_dirty
 """
 
 _OLD = ("INSERT INTO monitor_rollup_dirty (minute, user_id) VALUES"
-        " (CAST(strftime('%s', OLD.created_at) AS INTEGER) / 60, OLD.user_id);")
+        " (CAST(strftime('%s', substr(OLD.created_at, 1, 19)) AS INTEGER) / 60, OLD.user_id);")
 _NEW = _OLD.replace("OLD.", "NEW.")
 SQLITE_TRIGGERS = (
     f"CREATE TRIGGER transactions_monitor_dirty_delete AFTER DELETE ON transactions"
@@ -60,6 +61,14 @@ def upgrade():
         sa.PrimaryKeyConstraint("user_id", name="pk_monitor_user_last"),
     )
     op.create_index("ix_monitor_user_last_last_at", "monitor_user_last", ["last_at"])
+    op.create_table(
+        "account_hour_counts",
+        sa.Column("user_id", sa.String(64), nullable=False),
+        sa.Column("type", sa.String(32), nullable=False),
+        sa.Column("hour", sa.BigInteger(), nullable=False),
+        sa.Column("n", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("user_id", "type", "hour", name="pk_account_hour_counts"),
+    )
     op.create_table(
         "monitor_rollup_state",
         sa.Column("id", sa.Integer(), autoincrement=False, nullable=False),
@@ -93,6 +102,7 @@ def downgrade():
             op.execute(f"DROP TRIGGER transactions_monitor_dirty_{name}")
     op.drop_table("monitor_rollup_dirty")
     op.drop_table("monitor_rollup_state")
+    op.drop_table("account_hour_counts")
     op.drop_index("ix_monitor_user_last_last_at", table_name="monitor_user_last")
     op.drop_table("monitor_user_last")
     op.drop_table("monitor_rollups")

@@ -6,7 +6,7 @@ from sqlalchemy import text
 TABLES = ("outbox", "alerts", "notifications", "notification_preferences", "verifications",
           "transactions", "accounts", "reconciliation_runs",
           "account_tx_counts", "monitor_rollups", "monitor_user_last", "monitor_rollup_state",
-          "monitor_rollup_dirty")
+          "monitor_rollup_dirty", "account_hour_counts")
 
 
 def empty_tables(app) -> None:
