@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 import pytest
 import requests
-from sqlalchemy import event
+from sqlalchemy import event, text
 
 from tests.support import assert_error, start_gunicorn, wait_until
 from tests.support.postgres import PostgresCluster
@@ -130,6 +130,41 @@ def test_slow_uploads_hold_no_slot__the_main_apps_purchases_complete(served, api
         for a in attackers:
             a.sock.close()
     assert all(a == b"" or a.startswith(b"HTTP/1.1 408 ") for a in answers), answers
+
+
+def test_large_exports_read_slowly_hold_no_slot__reads_and_purchases_meanwhile(served, api, app):
+    """Three CSV exports of 20,000 rows each (more than the two user slots), each read one
+    chunk and then left waiting: another user's reads and the main app's purchases are
+    answered while every export is still open, and each export ends complete."""
+    from shared.db import db
+
+    _, base = served
+    api.account("exporter", 0)
+    api.account("reader", 10_000)
+    with app.app_context(), db.engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO transactions (user_id, seq, amount_cents, balance_after_cents, type,"
+            " status, description, created_at) SELECT 'exporter', g, 1, g, 'credit',"
+            " 'completed', 'bulk row ' || g, now() FROM generate_series(1, 20000) g"))
+        conn.execute(text("UPDATE accounts SET balance_cents = 20000, last_seq = 20000"
+                          " WHERE user_id = 'exporter'"))
+    exporter = {"Authorization": f"Bearer {api.token('exporter')}"}
+    reader = {"Authorization": f"Bearer {api.token('reader')}"}
+    exports = [requests.get(f"{base}/api/wallet/transactions/export.csv", headers=exporter,
+                            stream=True, timeout=30) for _ in range(3)]
+    chunks = [e.raw.read(4096) for e in exports]  # started, then left unread
+    assert all(e.status_code == 200 and c.startswith(b"id,seq,") for e, c in zip(exports, chunks))
+    for i in range(3):
+        r = requests.get(f"{base}/api/wallet/balance", headers=reader, timeout=30)
+        assert r.status_code == 200 and r.json()["balance_cents"] == 10_000 - 100 * i, r.text
+        r = requests.post(f"{base}/api/v1/verifications", headers=api.service, timeout=30,
+                          json=_purchase_json("reader", id=f"during-export-{i}"))
+        assert r.status_code == 201, r.text
+    assert not any(e.raw.closed for e in exports)  # still streaming
+    for export, chunk in zip(exports, chunks):
+        body = chunk + export.raw.read()
+        assert body.count(b"\n") == 20_001  # the header and every row
+        export.close()
 
 
 # -- oversized bodies ----------------------------------------------------------------------
