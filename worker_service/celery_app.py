@@ -78,25 +78,7 @@ def make_celery(flask_app) -> Celery:
     app.steps["worker"].add(relay.OutboxRelayStep)
     worker_metrics.install(app)
     _freeze_when_started()
-    _nice_pool_children()
     return app
-
-
-def _nice_pool_children() -> None:
-    """Pool children run the follow-ups, which may wait a few milliseconds for a CPU; the API,
-    PostgreSQL and the main process's relay (balance updates) should not wait behind them.
-    ``TXMON_WORKER_NICE`` (default 5; 0 keeps the parent's priority)."""
-    import os
-
-    from celery import signals
-
-    nice = int(os.environ.get("TXMON_WORKER_NICE", "5"))
-
-    def lower(**_):
-        if nice:
-            os.nice(nice)
-
-    signals.worker_process_init.connect(lower, weak=False, dispatch_uid="txmon-nice-child")
 
 
 def _freeze_when_started() -> None:
