@@ -10,7 +10,9 @@ import csv
 import io
 import os
 import re
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
@@ -238,7 +240,8 @@ def test_wallet__history_filter_load_more_and_csv_without_token_in_a_url(stack, 
 def test_wallet__date_filter_in_the_viewers_zone(stack, watched):
     user = user_with_history(stack, purchases=1)
     token = stack.token(user)
-    page = watched(timezone_id="Pacific/Kiritimati").open("/wallet", token)  # UTC+14
+    w = watched(timezone_id="Pacific/Kiritimati")  # UTC+14
+    page = w.open("/wallet", token)
     rows = page.get_by_test_id("tx-row")
     expect(rows).to_have_count(2, timeout=WAIT_MS)
     today = page.evaluate("() => new Date().toLocaleDateString('en-CA')")  # local YYYY-MM-DD
@@ -246,6 +249,13 @@ def test_wallet__date_filter_in_the_viewers_zone(stack, watched):
     page.locator("input[name=end]").fill(today)
     page.get_by_role("button", name="Apply").click()
     expect(page.locator("#history-total")).to_have_text("2 transactions")
+    # the filter sent is the viewer's midnight (UTC+14) in UTC, the whole "to" day included
+    sent = [u for u in w.urls if "transactions/detailed" in u and "start_date" in u][-1]
+    query = parse_qs(urlsplit(sent).query)
+    local_midnight = datetime.fromisoformat(today).replace(tzinfo=timezone(timedelta(hours=14)))
+    assert datetime.fromisoformat(query["start_date"][0].replace("Z", "+00:00")) == local_midnight
+    assert datetime.fromisoformat(query["end_date"][0].replace("Z", "+00:00")) == (
+        local_midnight + timedelta(days=1, milliseconds=-1))
     page.locator("input[name=start]").fill("2001-01-01")
     page.locator("input[name=end]").fill("2001-01-02")
     page.get_by_role("button", name="Apply").click()
@@ -356,6 +366,8 @@ def test_admin__account_search_opens_that_timeline(stack, watched):
     page.get_by_test_id("account-search").fill(user)
     page.get_by_role("button", name="Open timeline").click()
     expected = api(stack, f"/api/admin/accounts/{user}/timeline?limit=50", token)["events"]
+    others = api(stack, f"/api/admin/accounts/{other}/timeline?limit=50", token)["events"]
+    assert len(others) != len(expected)  # the row count tells the two accounts apart
     rows = page.get_by_test_id("timeline-row")
     expect(rows).to_have_count(len(expected), timeout=WAIT_MS)
     for row, event in zip(rows.all(), expected):
@@ -365,7 +377,6 @@ def test_admin__account_search_opens_that_timeline(stack, watched):
     page.get_by_role("button", name="Open timeline").click()
     expect(page.locator("#timeline-status")).to_have_text("No account no-such-account",
                                                          timeout=WAIT_MS)
-    assert other  # a second account, so the page had to pick the right one
     # the 404 of the unknown account is the only console error
     assert all("404" in e for e in w.errors), w.errors
     w.errors.clear()

@@ -81,7 +81,8 @@ function start() {
     if (form.get('start')) query.set('start_date', new Date(`${form.get('start')}T00:00:00`).toISOString());
     if (form.get('end')) {
       const end = new Date(`${form.get('end')}T00:00:00`);
-      end.setDate(end.getDate() + 1); // the whole "to" day, in the viewer's zone
+      end.setDate(end.getDate() + 1); // the whole "to" day, in the viewer's zone: end_date
+      end.setMilliseconds(-1); // is inclusive, so stop before the next day's midnight
       query.set('end_date', end.toISOString());
     }
     return query;
