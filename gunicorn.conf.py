@@ -103,7 +103,11 @@ def post_fork(server, worker):
     traceback. Here only the first quit signal starts that greenlet, and worker_exit (below)
     ends it if it is still waiting when the worker exits anyway. The handler goes in as
     gunicorn installs its own (``init_signals``, before the app is loaded), so it covers the
-    worker's start-up too."""
+    worker's start-up too.
+    SIGTERM (a graceful stop or restart) also closes every websocket with 1001: the worker
+    waits up to graceful_timeout for open connections, and a socket never ends by itself, so
+    each stop took the full 10 s and then cut the sockets without a close frame. Clients
+    reconnect with since_seq to a worker that is up."""
     if type(worker).__module__ != "gunicorn.workers.ggevent":
         return
     import signal
@@ -117,10 +121,18 @@ def post_fork(server, worker):
         if getattr(worker, "txmon_quit", None) is None:
             worker.txmon_quit = gevent.spawn(Worker.handle_quit, worker, sig, frame)
 
+    def exit_closing_sockets(sig, frame):
+        worker.handle_exit(sig, frame)
+        from api_service.hub import going_away
+
+        gevent.spawn(going_away)  # out of the signal handler: it takes the hub's lock
+
     def init_signals_quitting_once():
         init_signals()
         for sig in (signal.SIGINT, signal.SIGQUIT):
             signal.signal(sig, quit_once)
+        signal.signal(signal.SIGTERM, exit_closing_sockets)
+        signal.siginterrupt(signal.SIGTERM, False)
 
     worker.init_signals = init_signals_quitting_once
 

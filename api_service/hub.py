@@ -154,6 +154,11 @@ class Hub:
             except Exception:  # a bad message must not kill the process's only subscription
                 log.exception("Realtime hub error; continuing")
 
+    def going_away(self) -> None:
+        """The process is stopping: every socket closes itself (1001) at its next turn."""
+        for sub in self._everyone():
+            sub.wake(("going_away", None))
+
 
 _hubs: dict[str, Hub] = {}
 _hubs_lock = threading.Lock()
@@ -165,3 +170,11 @@ def hub_for(redis_url: str) -> Hub:
         if redis_url not in _hubs:
             _hubs[redis_url] = Hub(redis_url)
         return _hubs[redis_url]
+
+
+def going_away() -> None:
+    """Tell every socket of this process that the server is going away (see Hub.going_away)."""
+    with _hubs_lock:
+        hubs = list(_hubs.values())
+    for hub in hubs:
+        hub.going_away()

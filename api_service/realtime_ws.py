@@ -37,6 +37,7 @@ from shared.realtime import balance_update
 sock = Sock()
 log = logging.getLogger("txmon.ws")
 AUTH_TIMEOUT_S = 5
+GOING_AWAY = 1001
 POLICY_VIOLATION = 1008
 TRY_AGAIN_LATER = 1013
 LIVENESS_CHECK_S = 30
@@ -364,6 +365,9 @@ def _pump(ws, sub: Subscriber, on_message, on_resync, *, expires_at: float | Non
         if kind == "input":
             if not _answer_input(ws, signal):
                 return
+        elif kind == "going_away":
+            _close(ws, GOING_AWAY, "server restarting; reconnect with since_seq")
+            return
         elif kind == "resync":
             on_resync(payload)
         else:

@@ -56,6 +56,7 @@ class Stack:
                            TXMON_RATELIMIT_AUTH_FAILURES="100000/minute")
         self.env.update(env or {})
         self._local = threading.local()
+        self._sessions: list[requests.Session] = []  # every thread's, closed by stop()
         self.tokens: list[str] = []  # every token handed out, for the never-logged check
 
     # -- processes -------------------------------------------------------------------------
@@ -140,7 +141,14 @@ class Stack:
             return " ready." in out and "Outbox relay started" in out
         wait_until(ready, 45, interval=0.1, message="celery worker ready")
 
+    def close_http(self) -> None:
+        """Close the keep-alive HTTP connections of every thread's session: an idle one holds
+        a gunicorn worker for its whole graceful_timeout when it stops."""
+        for session in self._sessions:
+            session.close()
+
     def stop(self) -> None:
+        self.close_http()
         for proc in (self.api_proc, self.worker_proc, self.redis.proc):
             if proc is not None:
                 proc.stop(grace=6)
@@ -170,6 +178,7 @@ class Stack:
         s = getattr(self._local, "session", None)
         if s is None:
             s = self._local.session = requests.Session()
+            self._sessions.append(s)
             s.headers["X-API-Key"] = self.app.config["SERVICE_KEYS"][0]
         return s
 
