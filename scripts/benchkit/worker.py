@@ -24,6 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--seconds", type=float, default=10, help="purchases while paused")
     p.add_argument("--refunds", type=int, default=10000)
     p.add_argument("--pending", type=int, default=100000, help="pending 24 h verifications")
+    p.add_argument("--settle", type=float, default=15,
+                   help="seconds of relay and beat cycles over the pending rows before RSS")
     common_args(p)
     p.set_defaults(run=main)
 
@@ -68,7 +70,7 @@ def refunds(stack: Stack, users: list[str], n: int) -> dict:
     return {"n": n, "seconds": took, "cpu": cpu.per(n)}
 
 
-def memory(stack: Stack, users: list[str], n: int) -> dict:
+def memory(stack: Stack, users: list[str], n: int, settle: float) -> dict:
     script = pgref.script_for(stack, users, 86400)
     stack.wait(lambda: stack.due() == 0, 600, "an idle outbox")
     time.sleep(2)
@@ -78,7 +80,7 @@ def memory(stack: Stack, users: list[str], n: int) -> dict:
         settle_other_follow_ups(stack)
     pending = stack.sql("SELECT count(*) FROM verifications WHERE status = 'pending' AND "
                         "expires_at > now() + interval '23 hours'")[0][0]
-    time.sleep(15)  # several relay and beat cycles over the pending rows
+    time.sleep(settle)  # several relay and beat cycles over the pending rows
     return {"n": pending, "before": before, "after": stack.rss_mb("worker")}
 
 
@@ -88,7 +90,7 @@ def main(args) -> int:
         users = stack.seed(args.accounts)
         fu = follow_ups(stack, users, args.seconds)
         rf = refunds(stack, users, args.refunds)
-        mem = memory(stack, users, args.pending)
+        mem = memory(stack, users, args.pending, args.settle)
     growth = mem["after"] - mem["before"]
     targets = [doc.Target("worker.rss", f"{growth:+.1f} MB ({mem['n']:,} pending)",
                           f"{mem['before']:.0f} MB before", met=growth <= 50),
@@ -111,7 +113,7 @@ own SQL, and mark their other follow-ups done, so only the timeouts are left to 
 {cpu_table([("follow-ups of a purchase", fu["cpu"]), ("refund of an expired verification", rf["cpu"])], "purchase or refund")}
 """
     command = (f"scripts/bench worker --accounts {args.accounts} --seconds {args.seconds:g} "
-               f"--refunds {args.refunds} --pending {args.pending}")
+               f"--refunds {args.refunds} --pending {args.pending} --settle {args.settle:g}")
     doc.write_section("worker", "Worker: follow-ups, refunds, memory", command, body, targets,
                       **({"doc": args.doc} if args.doc else {}))
     log(f"follow-ups {fu['n'] / fu['seconds']:.0f}/s, refunds {rf['seconds']:.1f} s, "
