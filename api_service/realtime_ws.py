@@ -222,9 +222,28 @@ class _SendAll:
         return getattr(self._sock, name)
 
 
-def _whole_frames(ws) -> None:
-    if not isinstance(ws.sock, _SendAll):
-        ws.sock = _SendAll(ws.sock)
+def _socket_route(handler):
+    """A websocket handler whose frames go out whole and whose close lingers to the end.
+
+    The library's reader thread does the lingering close (_SendAll.close); when the handler
+    returns, the server closes the raw connection at once, which resets it (and can drop
+    the close frame) if that thread is still draining. So the handler waits for it, for
+    as long as a lingering close takes.
+    """
+    @functools.wraps(handler)
+    def run(ws):
+        if not isinstance(ws.sock, _SendAll):
+            ws.sock = _SendAll(ws.sock)
+        try:
+            handler(ws)
+        finally:
+            if ws.connected:
+                try:
+                    ws.close()
+                except (ConnectionClosed, OSError):
+                    pass
+            ws.thread.join(timeout=_SendAll.LINGER_S + 1)
+    return run
 
 
 class _InputSignal:
@@ -385,9 +404,9 @@ def _parse_since(ws) -> tuple[bool, int | None]:
 
 
 @sock.route("/ws/balance")
+@_socket_route
 def balance_socket(ws):
     """A user's live balance (see module docstring)."""
-    _whole_frames(ws)
     ok, since = _parse_since(ws)
     principal = _authenticate(ws, "user") if ok else None
     if principal is None:
@@ -404,9 +423,9 @@ def balance_socket(ws):
 
 
 @sock.route("/ws/admin")
+@_socket_route
 def admin_socket(ws):
     """Every transaction and alert, for admins."""
-    _whole_frames(ws)
     principal = _authenticate(ws, "admin")
     if principal is None:
         return
