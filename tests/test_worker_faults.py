@@ -220,14 +220,15 @@ def test_sigkill_worker_children_mid_email_and_mid_refund__email_sent_refund_exi
     """One pool child is SIGKILLed inside SMTP DATA (a credit's email), then another inside
     the countdown refund's transaction (blocked on the account row). Each row's lease lapses
     and it runs again: the email ends "sent" (at least once, recognisably the same message),
-    the refund exists once."""
-    smtp.hold(1)  # the first DATA command stays open until we say so
-    worker = workers.start(smtp=smtp)
+    the refund exists once. The purchase (and the lock on its account) come before the
+    worker starts: its expiry runs while the worker starts."""
     api.account("lee", 1000)  # no email address: only kim's email goes through SMTP
     r = ok(api.purchase("lee", 400, vid="v-kill", timeout_seconds=10))
     expires_at = datetime.fromisoformat(r["verification"]["expires_at"])
     lock = RowLock(app, "SELECT * FROM accounts WHERE user_id = 'lee' FOR UPDATE")
     try:
+        smtp.hold(1)  # the first DATA command stays open until we say so
+        worker = workers.start(smtp=smtp)
         # -- a child dies inside SMTP DATA ------------------------------------------------
         api.account("kim", 0, email="kim@example.com")
         credit = ok(api.client.post("/api/v1/accounts/kim/credits", headers=api.service,

@@ -86,19 +86,20 @@ def test_timeout__countdown_rows_refund_each_once_within_30s_of_expiry__none_ear
 
 def test_timeout__countdown_and_scan_racing__still_one_refund(app, api, workers, beat):
     """Force the race: hold the account row at expiry so the countdown task and the scan's
-    batch task both block inside the refund, then let them go at once. Beat (as scripts/run
-    runs it, the scan every 10 s from its start) starts during the expiry wait, so its
-    first scan comes soon after the expiry."""
-    worker = workers.start()
+    batch task both block inside the refund, then let them go at once. The purchase and
+    the lock come first; beat (as scripts/run runs it, the scan every 10 s from its start)
+    and the worker start during the expiry wait, so beat's first scan comes soon after the
+    expiry."""
     api.account("u-race", 1000)
     r = api.purchase("u-race", 275, vid="v-race-1", timeout_seconds=10)
     assert r.status_code == 201, r.get_json()
     expires_at = r.get_json()["verification"]["expires_at"]
     lock = RowLock(app, "SELECT * FROM accounts WHERE user_id = 'u-race' FOR UPDATE")
     try:
+        beat.start()
+        worker = workers.start()
         # The race is set up only if nothing refunded before the lock was taken.
         assert scalar(app, "SELECT status FROM verifications WHERE id = 'v-race-1'") == "pending"
-        beat.start()
         wait_until(lambda: _seconds_until(expires_at) < 0, timeout=30, message="expiry")
 
         def blocked_refunds() -> int:
