@@ -216,13 +216,13 @@ class SmtpSink:
             hold = self.hold_next > 0
             if hold:
                 self.hold_next -= 1
-        if hold:
-            with self.lock:
                 self.held += 1
+            release = self._release  # a later hold() does not catch this one again
+        if hold:
             self.held_peer = tuple(session.peer)
             self.holding.set()
             deadline = time.monotonic() + 120
-            while not self._release.is_set() and time.monotonic() < deadline:
+            while not release.is_set() and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
         return "250 Message accepted for delivery"
 
@@ -241,6 +241,15 @@ class SmtpSink:
 
     def release(self) -> None:
         self._release.set()
+
+    def hold(self, count: int) -> None:
+        """Hold the next ``count`` DATA commands open until ``release()``, again after an
+        earlier release; ``holding`` and ``held`` count from here."""
+        with self.lock:
+            self._release = threading.Event()
+            self.holding.clear()
+            self.held = 0
+            self.hold_next = count
 
     @property
     def url(self) -> str:
