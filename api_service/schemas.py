@@ -45,12 +45,17 @@ def _iso_datetime(value):
     return value
 
 
-def _in_utc_range(value: datetime) -> datetime:
-    """0001-01-01T00:00+14:00 is year 0 in UTC: refuse what UTC cannot hold."""
+_UTC_MIN = datetime.min.replace(tzinfo=timezone.utc)
+_UTC_MAX = datetime.max.replace(tzinfo=timezone.utc)
+
+
+def _in_utc(value: datetime) -> datetime:
+    """In UTC. A valid date-time UTC cannot hold (0001-01-01T00:00+14:00 is year 0 there) is
+    the nearest one it can: as a bound it keeps and excludes the same rows."""
     try:
         return value.astimezone(timezone.utc)
     except OverflowError:
-        raise ValueError("must lie between years 1 and 9999 in UTC") from None
+        return _UTC_MIN if value.year == 1 else _UTC_MAX
 
 
 def _ascii_digits(value):
@@ -61,7 +66,7 @@ def _ascii_digits(value):
 
 
 IsoDateTime = Annotated[AwareDatetime, BeforeValidator(_iso_datetime),
-                        AfterValidator(_in_utc_range)]
+                        AfterValidator(_in_utc)]
 
 
 def QueryInt(ge: int, le: int):

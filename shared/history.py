@@ -1,7 +1,6 @@
 """Reading the ledger: a user's history pages, CSV export, the admin monitor. All in SQL."""
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Iterator
@@ -14,6 +13,8 @@ from shared.ledger import serialize_transaction
 from shared.models import AccountTxCount, Transaction
 
 t = Transaction.__table__
+_EPOCH, _HOUR = datetime(1970, 1, 1, tzinfo=timezone.utc), timedelta(hours=1)
+_LAST_HOUR = (datetime.max.replace(tzinfo=timezone.utc) - _EPOCH) // _HOUR
 counts = AccountTxCount.__table__
 _COLUMNS = (t.c.id, t.c.seq, t.c.user_id, t.c.amount_cents, t.c.type, t.c.status,
             t.c.description, t.c.service, t.c.verification_id, t.c.reference,
@@ -50,9 +51,12 @@ def _total(user_id: str, tx_type: str | None, start: datetime | None,
         raw = raw.where(t.c.type == tx_type)
     with _snapshot() as conn:
         wm = rollups.watermark(conn)
-        first = math.ceil(start.timestamp() / 3600) if start else None  # whole hours from
-        last = math.floor(end.timestamp() / 3600) if end else None  # up to, not including
-        if not wm or (first is not None and last is not None and first >= last):
+        # Whole hours from first up to, not including, last; integer arithmetic, as a float
+        # timestamp rounds 9999-12-31T23:59:59.999999 up into year 10000.
+        first = -((_EPOCH - start) // _HOUR) if start else None
+        last = (end - _EPOCH) // _HOUR if end else None
+        if (not wm or (first is not None and last is not None and first >= last)
+                or (first is not None and first > _LAST_HOUR)):  # no hour left to start
             return int(conn.scalar(_range(raw, start, end)))
         hours = rollups.hours_t
         whole = select(func.coalesce(func.sum(hours.c.n), 0)).where(hours.c.user_id == user_id)
