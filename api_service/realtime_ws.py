@@ -222,18 +222,24 @@ class _SendAll:
         return getattr(self._sock, name)
 
 
-def _socket_route(handler):
-    """A websocket handler whose frames go out whole and whose close lingers to the end.
+def _wrap_connection() -> None:
+    """The connection socket becomes a _SendAll before the library takes it: its reader
+    thread starts inside the constructor, and on a message already over the limit it
+    closes the socket before the handler could run."""
+    for key in ("gunicorn.socket", "werkzeug.socket"):
+        raw = request.environ.get(key)
+        if raw is not None and not isinstance(raw, _SendAll):
+            request.environ[key] = _SendAll(raw)
 
-    The library's reader thread does the lingering close (_SendAll.close); when the handler
-    returns, the server closes the raw connection at once, which resets it (and can drop
-    the close frame) if that thread is still draining. So the handler waits for it, for
-    as long as a lingering close takes.
+
+def _socket_route(handler):
+    """A websocket handler whose close lingers to the end: the library's reader thread does
+    the lingering close (_SendAll.close); when the handler returns, the server closes the
+    raw connection at once, which resets it (and can drop the close frame) if that thread
+    is still draining. So the handler waits for it, for as long as a lingering close takes.
     """
     @functools.wraps(handler)
     def run(ws):
-        if not isinstance(ws.sock, _SendAll):
-            ws.sock = _SendAll(ws.sock)
         try:
             handler(ws)
         finally:
@@ -438,6 +444,9 @@ def admin_socket(ws):
 
     _serve(ws, principal, Subscriber(user_id=None, admin=True, maxsize=_queue_size(),
                                      on_slow=_force_close_later(ws)), stream)
+
+
+sock.bp.before_request(_wrap_connection)  # the blueprint of the two routes above
 
 
 def _queue_size() -> int:

@@ -91,7 +91,8 @@ def test_frame_announcing_1_gib__closed_1009_after_a_few_kib(stack, sockets):
     payload = b"a" * 8192
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     ws.ws.sock.sendall(struct.pack("!BBQ", 0x81, 0x80 | 127, 1 << 30) + mask + masked)
-    assert close_code(ws) == MESSAGE_TOO_BIG
+    closed = ws.expect_close(10)
+    assert closed.code == MESSAGE_TOO_BIG, closed
     other = uid("sz")
     stack.account(other, 100)
     assert sockets.balance(token=stack.token(other)).recv()["type"] == "snapshot"

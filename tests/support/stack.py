@@ -233,8 +233,8 @@ class Stack:
     def quiesce(self, timeout: float = 20) -> None:
         """Wait until every due outbox row is dispatched and the worker has run its tasks.
 
-        The suite truncates tables with RESTART IDENTITY between tests, so a task left over
-        from one test must not run against the next test's rows with the same ids.
+        The suite empties the tables and restarts their ids between tests, so a task left
+        over from one test must not run against the next test's rows with the same ids.
         """
         from sqlalchemy import text
 
@@ -341,8 +341,8 @@ class Client:
             opcode, data = self.ws.recv_data()
         except websocket.WebSocketTimeoutException:
             raise TimeoutError(f"no message within {timeout}s") from None
-        except (websocket.WebSocketConnectionClosedException, ConnectionError, OSError):
-            self.closed = Closed(None, "connection dropped")
+        except (websocket.WebSocketConnectionClosedException, ConnectionError, OSError) as exc:
+            self.closed = Closed(None, f"connection dropped ({type(exc).__name__}: {exc})")
             raise self.closed from None
         if opcode == websocket.ABNF.OPCODE_CLOSE:
             payload = data.data if hasattr(data, "data") else data
