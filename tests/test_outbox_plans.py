@@ -20,14 +20,14 @@ from shared.db import db
 
 def _claim_plan(conn) -> str:
     rows = conn.exec_driver_sql(
-        "EXPLAIN EXECUTE txmon_claim(now(), now(), 'txmon.realtime.publish_balance', 500)").all()
+        "EXPLAIN EXECUTE txmon_claim(now(), now(), now(), 'txmon.realtime.publish_balance', 500)").all()
     return "\n".join(r[0] for r in rows)
 
 
 def _prepare_claim_while_small(conn) -> None:
     from shared.outbox import CLAIM_BALANCES as _CLAIM_BALANCES
 
-    numbered = iter(range(1, 5))
+    numbered = iter(range(1, 6))
     statement = re.sub("%s", lambda _m: f"${next(numbered)}", _CLAIM_BALANCES)
     # Empty as in a fresh database: no pages left by earlier tests' deleted rows, and no
     # column statistics (ANALYZE of an empty table keeps those an earlier one gathered).
@@ -35,7 +35,7 @@ def _prepare_claim_while_small(conn) -> None:
     conn.exec_driver_sql("DELETE FROM pg_statistic WHERE starelid = 'outbox'::regclass")
     conn.exec_driver_sql("ANALYZE outbox")  # the statistics say so
     conn.exec_driver_sql(
-        f"PREPARE txmon_claim(timestamptz, timestamptz, text, int) AS {statement}")
+        f"PREPARE txmon_claim(timestamptz, timestamptz, timestamptz, text, int) AS {statement}")
     for _ in range(8):  # past the point where Postgres settles on a generic plan
         _claim_plan(conn)
 
@@ -73,9 +73,70 @@ def test_outbox_claims_use_their_index_after_the_outbox_grew(app, database_url):
                 assert "Seq Scan on outbox" in _claim_plan(conn)
                 conn.exec_driver_sql(outbox.PLAN_EVERY_RUN)
                 plan = _claim_plan(conn)
-                assert "ix_outbox_due" in plan, plan
+                assert "ix_outbox_balances" in plan, plan
                 assert "Seq Scan on outbox" not in plan, plan
                 conn.exec_driver_sql("DEALLOCATE txmon_claim")
                 conn.rollback()
         finally:
+            db.engine.dispose()
+
+
+def _explained(conn, statement, params) -> list:
+    """The plan of ``statement`` as the application sends it (SQLAlchemy's own SQL and
+    parameters, EXPLAIN in front): it is planned, not run."""
+    from sqlalchemy import event
+
+    def explain(_conn, _cursor, sql, parameters, _context, _many):
+        return "EXPLAIN " + sql, parameters
+
+    event.listen(conn, "before_cursor_execute", explain, retval=True)
+    try:
+        return conn.execute(statement, params).all()
+    finally:
+        event.remove(conn, "before_cursor_execute", explain)
+
+
+def test_runner_statements_by_id_take_the_primary_key_after_the_outbox_grew(app, database_url):
+    """With statistics from an empty outbox, the runner's lease, its completion and the
+    relay's dispatch mark, each for a batch of ids, read those rows by primary key: not the
+    whole table, and not an index of due times (a scan of every unfinished row)."""
+    if not database_url.startswith("postgres"):
+        pytest.skip("plans are a Postgres matter")
+    from datetime import timedelta
+
+    from shared import outbox
+    from shared.db import utcnow
+    from worker_service.celery_app import create_worker_app
+
+    worker_app = create_worker_app({"SQLALCHEMY_DATABASE_URI": database_url})
+    with worker_app.app_context():
+        try:
+            with db.engine.connect() as conn:
+                conn.exec_driver_sql("TRUNCATE outbox")
+                conn.exec_driver_sql("DELETE FROM pg_statistic WHERE starelid = 'outbox'::regclass")
+                conn.exec_driver_sql("ANALYZE outbox")
+                _grow_outbox(conn)
+                # Waiting rows too, as the queue holds under load: every one of them due.
+                conn.execute(text(
+                    "INSERT INTO outbox (user_id, task, payload, available_at, created_at, attempts)"
+                    " SELECT 'u' || g, 'txmon.notifications.push', '{}', now(), now(), 0"
+                    " FROM generate_series(1, 5000) g"))
+                conn.commit()
+            ids = list(range(30001, 30101))
+            now = utcnow()
+            statements = {
+                "start": (outbox._START, {"ids": ids, "now": now,
+                                          "until": now + timedelta(seconds=30)}),
+                "complete": (outbox._COMPLETE, {"ids": ids, "now": now}),
+                "dispatch": (outbox._MARK_DISPATCHED, {"ids": ids, "now": now}),
+            }
+            for name, (statement, params) in statements.items():
+                with outbox._begin() as conn:
+                    plan = "\n".join(r[0] for r in _explained(conn, statement, params))
+                    conn.rollback()
+                assert "pk_outbox" in plan, (name, plan)
+                assert "Seq Scan" not in plan and "ix_outbox" not in plan, (name, plan)
+        finally:
+            with db.engine.begin() as conn:
+                conn.exec_driver_sql("TRUNCATE outbox")
             db.engine.dispose()

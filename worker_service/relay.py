@@ -173,6 +173,10 @@ class Relay:
             self._drain()
             while not self.stopping.is_set():
                 if any(True for _ in conn.notifies(timeout=1.0, stop_after=1)):
+                    # One claim answers every commit notified so far: a burst is one drain,
+                    # not one (mostly empty) claim per commit. Later ones wake the next.
+                    for _ in conn.notifies(timeout=0):
+                        pass
                     for follower in self.followers:
                         follower.wake()
                     self._drain()
