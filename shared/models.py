@@ -291,7 +291,7 @@ class OutboxMessage(db.Model):
               postgresql_where=text(f"dispatched_at IS NULL AND task = '{BALANCE_TASK}'"),
               sqlite_where=text(f"dispatched_at IS NULL AND task = '{BALANCE_TASK}'")),
         # The relay claims rows by due time: a verification's timeout waits here.
-        Index("ix_outbox_due", "available_at",
+        Index("ix_outbox_due", "available_at", "id",
               postgresql_where=text("dispatched_at IS NULL"),
               sqlite_where=text("dispatched_at IS NULL")),
         Index("ix_outbox_dead", "dead_at",

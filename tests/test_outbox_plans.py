@@ -99,7 +99,8 @@ def _explained(conn, statement, params) -> list:
 def test_runner_statements_by_id_take_the_primary_key_after_the_outbox_grew(app, database_url):
     """With statistics from an empty outbox, the runner's lease, its completion and the
     relay's dispatch mark, each for a batch of ids, read those rows by primary key: not the
-    whole table, and not an index of due times (a scan of every unfinished row)."""
+    whole table, and not an index of due times (a scan of every unfinished row); the relay's
+    claim reads due rows in order up to its limit."""
     if not database_url.startswith("postgres"):
         pytest.skip("plans are a Postgres matter")
     from datetime import timedelta
@@ -136,6 +137,15 @@ def test_runner_statements_by_id_take_the_primary_key_after_the_outbox_grew(app,
                     conn.rollback()
                 assert "pk_outbox" in plan, (name, plan)
                 assert "Seq Scan" not in plan and "ix_outbox" not in plan, (name, plan)
+            # The relay's claim of the 5,000 rows due at one instant: read in index order and
+            # stopped at the limit, not all read and sorted.
+            claim = outbox._claim("postgresql", 500, False, (), (outbox.PUBLISH_BALANCE,))
+            with outbox._begin() as conn:
+                plan = "\n".join(r[0] for r in _explained(
+                    conn, claim, {"now": now + timedelta(seconds=1), "stale": now}))
+                conn.rollback()
+            assert "Index Scan using ix_outbox_due" in plan, plan
+            assert "Sort" not in plan and "Bitmap" not in plan, plan
         finally:
             with db.engine.begin() as conn:
                 conn.exec_driver_sql("TRUNCATE outbox")
