@@ -37,7 +37,7 @@ def test_machine_idle_steal_and_busy_shares():
     ("python celery -A worker_service.celery_app beat --schedule x", {5}, "beat"),
     ("python celery -A worker_service.celery_app flower --port=1", {5}, "flower"),
     ("redis-server 127.0.0.1:6390", {5}, "redis"),
-    ("sed -u s/^/api   | /", {5}, "log pipes"),
+    ("awk -v p=api   |  { print p $0; fflush() }", {5}, "log pipes"),
     ("python -m benchkit.smtpsink 25 x", {9}, "smtp server"),
     ("python -m benchkit stack", {9}, "load generator"),
     ("postgres: postgres txmon_b 127.0.0.1(5000) idle", set(), "postgres"),

@@ -31,7 +31,7 @@ def role(cmd: str, comm: str, ancestors: set[int], run_pid: int | None, self_pid
                 if name:
                     return name
                 return next((r for r in ("beat", "flower") if f" {r}" in cmd), "worker")
-        return "log pipes"  # scripts/run itself, its tee and sed prefixers, its probes
+        return "log pipes"  # scripts/run itself, its tee and awk prefixers, its probes
     if self_pid in ancestors:
         return "smtp server" if "benchkit.smtpsink" in cmd else "load generator"
     return "other"
