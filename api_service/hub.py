@@ -13,6 +13,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections import defaultdict
 
 import redis
@@ -119,6 +120,10 @@ class Hub:
                 WS_RELAYED.inc()
             else:
                 WS_DROPPED.inc()
+        # Let the sockets' pumps send it before the next: a burst read from Redis at once (a
+        # batch handler publishes up to 100 in one pipeline) must not fill the queue of a
+        # socket that keeps up. Only a socket whose send blocks falls behind (gevent: a yield).
+        time.sleep(0)
 
     def _run(self) -> None:
         delay = 0.1

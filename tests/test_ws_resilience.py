@@ -19,7 +19,7 @@ from tests.support.stack import (Closed, Reader, Sockets, Stack, check_contiguou
                               running_stack, seqs, summarize, uid, updates, wait_until)
 
 WEB_WORKERS = 2
-QUEUE_SIZE = 32  # small, so a stuck socket is noticed quickly (default 256)
+QUEUE_SIZE = 64  # small, so a stuck socket is noticed quickly (default 256)
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +154,13 @@ def slow_run(stack):
     flooder = threading.Thread(target=flood, daemon=True)
     try:
         fast = Reader(sockets.balance(token=stack.token(user), since=0), complete, timeout=45)
+        # Each socket past its snapshot before the flood: a socket's queue fills while it is
+        # still syncing, and two buyers' messages came faster than the reading socket synced.
+        wait_until(lambda: fast.received, 10, interval=0.02,
+                   message="the reading client's snapshot")
         slow = sockets.balance(token=stack.token(user), since=0, rcvbuf=4096)
+        first = slow.recv(5)
+        assert first["type"] == "snapshot", first
         flooder.start()
         buyers = [threading.Thread(target=lambda: [stack.purchase(user, 7)
                                                    for _ in range(phase1 // 2)], daemon=True)
@@ -176,7 +182,7 @@ def slow_run(stack):
             stack.purchase(user, 7)
         fast_got = fast.result()
         # The slow client now reads what its buffers held, then must find the socket closed.
-        slow_got, slow_closed, slow_error = [], None, None
+        slow_got, slow_closed, slow_error = [first], None, None
         deadline = time.monotonic() + 30
         try:
             while time.monotonic() < deadline:
