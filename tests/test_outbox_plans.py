@@ -150,3 +150,40 @@ def test_runner_statements_by_id_take_the_primary_key_after_the_outbox_grew(app,
             with db.engine.begin() as conn:
                 conn.exec_driver_sql("TRUNCATE outbox")
             db.engine.dispose()
+
+
+def test_operator_outbox_view_reads_no_completed_row(app, database_url):
+    """GET /api/admin/outbox (outbox.stats) counts waiting, in-flight and dead rows on their
+    indexes: the completed rows, nearly all of a long-lived outbox, are never scanned."""
+    if not database_url.startswith("postgres"):
+        pytest.skip("plans are a Postgres matter")
+    from sqlalchemy import event
+
+    from shared import outbox
+    from worker_service.celery_app import create_worker_app
+
+    worker_app = create_worker_app({"SQLALCHEMY_DATABASE_URI": database_url})
+    plans: list[str] = []
+
+    def explain_too(_conn, cursor, sql, parameters, _context, _many):
+        if sql.lstrip().upper().startswith("SELECT") and "FROM outbox" in sql:
+            cursor.execute("EXPLAIN " + sql, parameters)
+            plans.append("\n".join(r[0] for r in cursor.fetchall()))
+
+    with worker_app.app_context():
+        try:
+            with db.engine.begin() as conn:
+                _grow_outbox(conn)
+            event.listen(db.engine, "before_cursor_execute", explain_too)
+            try:
+                body = outbox.stats()
+            finally:
+                event.remove(db.engine, "before_cursor_execute", explain_too)
+            assert body["backlog"] == 3 and body["in_flight"] == 0 and body["dead"] == 0
+            assert len(plans) == 3, plans
+            for plan in plans:
+                assert "Seq Scan" not in plan and "ix_outbox_" in plan, plan
+        finally:
+            with db.engine.begin() as conn:
+                conn.exec_driver_sql("TRUNCATE outbox")
+            db.engine.dispose()
