@@ -139,28 +139,43 @@ def _postgres(app) -> bool:
         return db.engine.dialect.name == "postgresql"
 
 
-def test_purchase__two_messages_on_postgres(app, api, monkeypatch):
-    """BEGIN with the UPDATE, then every INSERT with the COMMIT: what ARCHITECTURE.md says."""
+def test_purchase__two_round_trips_on_postgres(app, api, monkeypatch):
+    """BEGIN with the UPDATE, then every INSERT with the COMMIT, each group one pipeline (one
+    round trip) of prepared statements: what ARCHITECTURE.md says."""
     if not _postgres(app):
         pytest.skip("SQLite runs statement by statement")
+    from contextlib import contextmanager
+
     import psycopg
 
-    sent = []
-    real = psycopg.ClientCursor.execute
+    blocks: list[list[tuple[str, bool]]] = []
+    real_execute, real_pipeline = psycopg.Cursor.execute, psycopg.Connection.pipeline
 
-    def counting(self, query, params=None, **kw):
-        sent.append(str(query))
-        return real(self, query, params, **kw)
+    def recording(self, query, params=None, **kw):
+        if blocks:
+            blocks[-1].append((str(query), kw.get("prepare") is True))
+        return real_execute(self, query, params, **kw)
+
+    @contextmanager
+    def marking(self):
+        blocks.append([])
+        with real_pipeline(self) as pipeline:
+            yield pipeline
+        blocks.append([])  # a statement after the block is not in it
 
     api.account("raw-msg", 500)
-    monkeypatch.setattr(psycopg.ClientCursor, "execute", counting)
+    monkeypatch.setattr(psycopg.Cursor, "execute", recording)
+    monkeypatch.setattr(psycopg.Connection, "pipeline", marking)
     with app.app_context():
         ledger.charge_verification(verification_id="raw-msg-v", user_id="raw-msg",
                                    service_name="WhatsApp", country="US", cost_cents=100,
                                    timeout_seconds=60)
+    sent = [b for b in blocks if b]
     assert len(sent) == 2, sent
-    assert sent[0].startswith("BEGIN; UPDATE accounts")
-    assert sent[1].startswith("INSERT INTO transactions") and sent[1].endswith("; COMMIT")
+    first, second = ([q for q, _ in b] for b in sent)
+    assert first[0] == "BEGIN" and first[1].startswith("UPDATE accounts") and len(first) == 2
+    assert second[0].startswith("INSERT INTO transactions") and second[-1] == "COMMIT"
+    assert all(prepared for b in sent for _, prepared in b), sent
     with app.app_context():
         assert _count("SELECT balance_cents FROM accounts WHERE user_id = 'raw-msg'") == 400
 
@@ -169,7 +184,7 @@ def test_purchase__two_messages_on_postgres(app, api, monkeypatch):
     "O'Brien", "back\\slash", "100% sure", "%s and %(x)s", "quote'); DROP TABLE accounts; --",
     "dollar $$ quoted $1", "unicode: ☃ 名前 ✓", "new\nline\ttab"])
 def test_values_bound_on_the_client_come_back_exactly(app, api, awkward):
-    """Client-side binding: any text is stored as given, never read as SQL."""
+    """Bound values: any text is stored as given, never read as SQL."""
     api.account("raw-q", 500)
     with app.app_context():
         ledger.charge_verification(verification_id="raw-q-v", user_id="raw-q",
