@@ -81,6 +81,8 @@ class Config:
         self.CELERY_VISIBILITY_TIMEOUT_S = _int_env("CELERY_VISIBILITY_TIMEOUT_S", 86400 + 3600)
         self.CELERY_BROKER_URL = env.get("CELERY_BROKER_URL") or None
         self.CELERY_PREFETCH = _int_env("CELERY_PREFETCH", 4)
+        # Completed outbox rows are deleted this many days after completion (0: kept).
+        self.OUTBOX_KEEP_DAYS = _int_env("TXMON_OUTBOX_KEEP_DAYS", 7)
         self.WS_QUEUE_SIZE = _int_env("TXMON_WS_QUEUE_SIZE", 256)
         self.WS_MAX_PER_USER = _int_env("TXMON_WS_MAX_PER_USER", 5)  # open sockets per caller
         # Plain HTTP requests running at once per API process; websockets are not counted

@@ -3,10 +3,11 @@ statement on the outbox table.
 
 A row names a handler and carries ids. Its life: written (due at ``available_at``) ->
 dispatched by the relay when due -> started by a runner, which holds a lease and extends
-it while it works -> completed; or, when a run fails, due again after the handler's
-backoff, and dead (``dead_at``) once its attempts are spent, until an operator re-drives
-it. A row dispatched but not started within ``DISPATCH_LEASE_S`` (its message lost with
-the broker's queues) or whose lease ran out (its worker died) is dispatched again.
+it while it works -> completed (deleted TXMON_OUTBOX_KEEP_DAYS later); or, when a run
+fails, due again after the handler's backoff, and dead (``dead_at``) once its attempts are
+spent, until an operator re-drives it. A row dispatched but not started within
+``DISPATCH_LEASE_S`` (its message lost with the broker's queues) or whose lease ran out (its
+worker died) is dispatched again.
 
 ``HANDLERS`` declares each handler once, with its queue and retry schedule: the relay
 asks it where a row goes, the worker's batch runner what to run.
@@ -291,6 +292,19 @@ def fail(task: str, failures: list[tuple]) -> list[int]:
     for row_id in dead:
         log.error("Outbox row %s (%s) dead after %s attempts", row_id, task, spec.attempts)
     return dead
+
+
+PURGE_BATCH = 5000  # completed rows deleted per transaction
+
+
+def purge_completed(before: datetime, *, limit: int = PURGE_BATCH) -> int:
+    """Delete up to ``limit`` rows completed before ``before``, oldest ids first; returns
+    how many. Rows not done (waiting, in flight, dead letters) are never deleted."""
+    with _begin() as conn:
+        return conn.execute(
+            outbox_table.delete().where(o.id.in_(
+                select(o.id).where(o.completed_at < before).order_by(o.id).limit(limit)
+                .scalar_subquery()))).rowcount
 
 
 # -- operators --------------------------------------------------------------------------------

@@ -242,3 +242,40 @@ def test_one_listening_connection_per_worker__both_loops_still_woken(
     assert len(listeners) == 1, f"listening backends of the worker: {listeners}"
     assert rows(app, "SELECT application_name FROM pg_stat_activity WHERE client_port = :p",
                 p=listeners[0]["client_port"]) == [{"application_name": "txmon-relay"}]
+
+
+def test_purge_deletes_only_rows_completed_before_the_retention(app):
+    """txmon.outbox.purge (hourly beat job) deletes rows completed more than
+    TXMON_OUTBOX_KEEP_DAYS ago; rows completed since, rows waiting or in flight however old,
+    and dead letters are kept."""
+    from datetime import timedelta
+
+    from shared import outbox
+    from shared.db import db, utcnow
+    from worker_service.celery_app import celery_config
+    from worker_service.tasks import outbox as outbox_tasks
+
+    assert celery_config(app.config)["beat_schedule"]["outbox-purge"]["task"] == \
+        "txmon.outbox.purge"
+    now = utcnow()
+    old, recent = now - timedelta(days=8), now - timedelta(days=6)
+    kinds = {  # (dispatched_at, completed_at, dead_at) of each kept or deleted kind
+        "old_done": (old, old, None), "recent_done": (recent, recent, None),
+        "old_waiting": (None, None, None), "old_in_flight": (old, None, None),
+        "old_dead": (old, None, old)}
+    counts = {"old_done": 7, "recent_done": 3, "old_waiting": 2, "old_in_flight": 2,
+              "old_dead": 2}
+    with app.app_context():
+        with db.engine.begin() as conn:
+            for kind, (dispatched, completed, dead) in kinds.items():
+                conn.execute(outbox.outbox_table.insert(), [
+                    {"user_id": kind, "task": outbox.PUSH, "payload": {"notification_id": i},
+                     "available_at": old, "created_at": old, "dispatched_at": dispatched,
+                     "completed_at": completed, "dead_at": dead, "attempts": 1}
+                    for i in range(counts[kind])])
+        # Batches of 4: a full one, then a short one; the loop goes on, then stops.
+        assert outbox_tasks.purge.run(size=4) == 7
+        left = {r["user_id"]: r["n"] for r in rows(
+            app, "SELECT user_id, count(*) AS n FROM outbox GROUP BY user_id")}
+    assert left == {k: n for k, n in counts.items() if k != "old_done"}, left
+    assert invariant_violations(app) == []

@@ -63,6 +63,7 @@ def celery_config(flask_config: dict) -> dict:
             "refunds-scan": {"task": "txmon.refunds.scan_expired", "schedule": 10.0},
             "reconcile-hourly": {"task": "txmon.reconcile.run", "schedule": timedelta(hours=1)},
             "monitor-rollups": {"task": "txmon.reconcile.monitor_rollups", "schedule": 30.0},
+            "outbox-purge": {"task": "txmon.outbox.purge", "schedule": timedelta(hours=1)},
         },
     }
 
