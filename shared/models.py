@@ -294,6 +294,10 @@ class OutboxMessage(db.Model):
         Index("ix_outbox_due", "available_at", "id",
               postgresql_where=text("dispatched_at IS NULL"),
               sqlite_where=text("dispatched_at IS NULL")),
+        # The retention job deletes the oldest completed rows.
+        Index("ix_outbox_completed", "completed_at",
+              postgresql_where=text("completed_at IS NOT NULL"),
+              sqlite_where=text("completed_at IS NOT NULL")),
         Index("ix_outbox_dead", "dead_at",
               postgresql_where=text("dead_at IS NOT NULL"),
               sqlite_where=text("dead_at IS NOT NULL")),

@@ -298,13 +298,14 @@ PURGE_BATCH = 5000  # completed rows deleted per transaction
 
 
 def purge_completed(before: datetime, *, limit: int = PURGE_BATCH) -> int:
-    """Delete up to ``limit`` rows completed before ``before``, oldest ids first; returns
-    how many. Rows not done (waiting, in flight, dead letters) are never deleted."""
+    """Delete up to ``limit`` rows completed before ``before``, the earliest completed first
+    (ix_outbox_completed); returns how many. Rows not done (waiting, in flight, dead
+    letters) are never deleted."""
     with _begin() as conn:
         return conn.execute(
             outbox_table.delete().where(o.id.in_(
-                select(o.id).where(o.completed_at < before).order_by(o.id).limit(limit)
-                .scalar_subquery()))).rowcount
+                select(o.id).where(o.completed_at < before).order_by(o.completed_at)
+                .limit(limit).scalar_subquery()))).rowcount
 
 
 # -- operators --------------------------------------------------------------------------------

@@ -187,3 +187,41 @@ def test_operator_outbox_view_reads_no_completed_row(app, database_url):
             with db.engine.begin() as conn:
                 conn.exec_driver_sql("TRUNCATE outbox")
             db.engine.dispose()
+
+
+def test_retention_reads_completed_rows_by_completion_time(app, database_url):
+    """The hourly purge finds what to delete on ix_outbox_completed and stops at its limit:
+    with nothing old enough it reads nothing, however many rows completed recently."""
+    if not database_url.startswith("postgres"):
+        pytest.skip("plans are a Postgres matter")
+    from datetime import timedelta
+
+    from sqlalchemy import event
+
+    from shared import outbox
+    from shared.db import utcnow
+    from worker_service.celery_app import create_worker_app
+
+    worker_app = create_worker_app({"SQLALCHEMY_DATABASE_URI": database_url})
+    plans: list[str] = []
+
+    def explain_too(_conn, cursor, sql, parameters, _context, _many):
+        if sql.lstrip().upper().startswith("DELETE FROM OUTBOX"):
+            cursor.execute("EXPLAIN " + sql, parameters)
+            plans.append("\n".join(r[0] for r in cursor.fetchall()))
+
+    with worker_app.app_context():
+        try:
+            with db.engine.begin() as conn:
+                _grow_outbox(conn)  # 30,000 rows completed just now
+            event.listen(db.engine, "before_cursor_execute", explain_too)
+            try:
+                assert outbox.purge_completed(utcnow() - timedelta(days=7)) == 0
+            finally:
+                event.remove(db.engine, "before_cursor_execute", explain_too)
+            assert len(plans) == 1, plans
+            assert "ix_outbox_completed" in plans[0] and "Seq Scan" not in plans[0], plans[0]
+        finally:
+            with db.engine.begin() as conn:
+                conn.exec_driver_sql("TRUNCATE outbox")
+            db.engine.dispose()
