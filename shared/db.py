@@ -79,7 +79,7 @@ class RawSql:
 
     The ledger's statements never change shape, so building them as SQLAlchemy Core on every
     call cost more CPU than the database spent running them. Here they are plain text run on
-    the driver's cursor (psycopg prepares a statement after a few uses). The text is written
+    the driver's cursor (prepared statements inside ``transaction``). The text is written
     with ``%s`` placeholders; on SQLite they become ``?`` and aware datetimes become the
     naive-UTC text UTCDateTime stores, so both databases read the same rows back. A DBAPI
     IntegrityError is raised as SQLAlchemy's, as if the statement had gone through Core.
